@@ -1,0 +1,400 @@
+"""The hot path's data: validate once, stamp, enqueue, step boundaries, backpressure.
+
+Records live in one list per metric key, interleaved as ``[ts, value, step, ...]``
+(the order of a metric-file line). A log call appends its three items with one
+``list += tuple``: a single C-level operation, so it is atomic under the GIL and
+threads never interleave half-records; per-key order is the order of the calls.
+The writer takes a key's items with a slice and a ``del`` of the same length, so
+records appended in between are never lost. No per-record object is kept beyond
+the float itself (about 48 bytes a record).
+
+Time is stamped once per step boundary and refreshed by the writer at each tick,
+so records of one step may share a stamp and the hot path never calls the clock.
+
+Anything unusual (a new key, a non-float value, a new step, an explicit timestamp,
+a full buffer, a closed run, a forked child) leaves the fast path for
+:meth:`Buffer._log_slow`, which validates and explains.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from ._errors import BufferFullError, InvalidKeyError, ParamChangedError, RunStateError, StepLogError
+from ._records import ArtifactRecord
+from ._validation import (
+    check_key,
+    check_param_value,
+    check_tag_value,
+    to_step,
+    to_timestamp,
+    to_value,
+)
+
+__all__ = ["Buffer", "OnFull"]
+
+OnFull = Literal["block", "drop", "raise"]
+Event = tuple[str, Any, Any]  # ("param", key, text) | ("tag", key, text) | ("artifact", record, None)
+
+_live_buffers: weakref.WeakSet[Buffer] = weakref.WeakSet()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _after_fork_in_child() -> None:
+    for buffer in list(_live_buffers):
+        buffer._forked = True
+        buffer._cap = -1  # every call leaves the fast path and meets the fork check
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Namespace:
+    """Keys of one kind (metrics, params or tags): known files and the folders their '/' implies."""
+
+    __slots__ = ("dirs", "files", "kind")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.files: set[str] = set()
+        self.dirs: set[str] = set()
+
+    def check_new(self, key: object) -> str:
+        """Validate a key not seen before, including the file/folder clash of MLflow's layout."""
+        key = check_key(key, self.kind)
+        if key in self.dirs:
+            other = next(k for k in self.files if k.startswith(key + "/"))
+            raise InvalidKeyError(
+                f"{self.kind} key {key!r} is not allowed: {other!r} is already logged, and on disk "
+                f"{key!r} would have to be both a file and a folder"
+            )
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in self.files:
+                raise InvalidKeyError(
+                    f"{self.kind} key {key!r} is not allowed: {prefix!r} is already logged, and on disk "
+                    f"{prefix!r} would have to be both a file and a folder"
+                )
+        return key
+
+    def add(self, key: str) -> None:
+        self.files.add(key)
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            self.dirs.add("/".join(parts[:i]))
+
+
+class Buffer:
+    """Where log calls put records and the writer takes them from.
+
+    ``log_metric``/``log_metrics`` are the hot path; everything else is rare.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_buffer: int = 1_000_000,
+        on_full: OnFull = "block",
+        value_hook: Callable[[str, Any], Any] | None = None,
+    ) -> None:
+        self._cols: dict[str, list[Any]] = {}
+        self._known: set[str] = set()
+        self._metric_keys = _Namespace("metric")
+        self._param_keys = _Namespace("param")
+        self._tag_keys = _Namespace("tag")
+        self._params: dict[str, str] = {}
+        self._events: deque[Event] = deque()
+        self._lock = threading.Lock()  # slow paths only (new keys, params, blocking waits)
+        self._drained = threading.Condition(threading.Lock())
+        self._step = 0
+        self._ts = _now_ms()
+        self._max_buffer = max_buffer
+        self._on_full: OnFull = on_full
+        self._open_cap = 3 * max_buffer
+        self._cap = self._open_cap
+        self._value_hook = value_hook
+        self._dropped = 0
+        self._warned_drop = False
+        self._forked = False
+        self._closed_reason: str | None = None
+        self._pid = os.getpid()
+        self.asleep = False
+        """Set by the writer while it sleeps; a step boundary then wakes it (at most once a sleep)."""
+        self.wake: Callable[[], None] = _noop
+        """Schedules the writer's wake-up from any thread (set by the host)."""
+        self.loop_thread: int | None = None
+        """Thread id of the event loop the writer runs in, where blocking would deadlock (async hosting)."""
+        self.writer_alive: Callable[[], bool] = lambda: True
+        self.pending_records: Callable[[], int] = lambda: 0
+        _live_buffers.add(self)
+
+    # ------------------------------------------------------------------ hot path
+
+    def log_metric(self, key: str, value: Any, step: int | None = None, timestamp: int | None = None) -> None:
+        """Queue one metric point; see :meth:`steplog.Run.log_metric`."""
+        try:
+            col = self._cols[key]
+        except (KeyError, TypeError):
+            return self._log_slow(key, value, step, timestamp)
+        if value.__class__ is float and timestamp is None and len(col) < self._cap:
+            if step is None:
+                col += (self._ts, value, self._step)
+                return None
+            if step.__class__ is int and step == self._step:
+                col += (self._ts, value, step)
+                return None
+        return self._log_slow(key, value, step, timestamp)
+
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None
+    ) -> None:
+        """Queue several points of one step; all or nothing (every item is checked first)."""
+        if timestamp is None and self._cap > 0 and metrics.__class__ is dict:
+            if step is None:
+                step = self._step
+            elif step.__class__ is not int or step != self._step:
+                return self._log_metrics_slow(metrics, step, timestamp)
+            if metrics.keys() <= self._known:
+                for value in metrics.values():
+                    if value.__class__ is not float:
+                        return self._log_metrics_slow(metrics, step, timestamp)
+                cols = self._cols
+                ts = self._ts
+                cap = self._cap
+                for key, value in metrics.items():
+                    col = cols[key]
+                    if len(col) < cap:
+                        col += (ts, value, step)
+                    else:
+                        self._log_slow(key, value, step, None)
+                return None
+        return self._log_metrics_slow(metrics, step, timestamp)
+
+    # ------------------------------------------------------------------ slow path
+
+    def _check_usable(self) -> None:
+        if self._forked or os.getpid() != self._pid:
+            raise StepLogError(
+                f"this run belongs to process {self._pid}; a forked child (pid {os.getpid()}) cannot log "
+                "through its parent's run. Start a new run in the child (steplog.start_run(...)), or log "
+                "from the parent only."
+            )
+        if self._closed_reason is not None:
+            raise RunStateError(self._closed_reason)
+
+    def _column(self, key: Any) -> list[Any]:
+        col = self._cols.get(key) if isinstance(key, str) else None
+        if col is not None:
+            return col
+        with self._lock:
+            col = self._cols.get(key) if isinstance(key, str) else None
+            if col is None:
+                key = self._metric_keys.check_new(key)
+                self._metric_keys.add(key)
+                col = []
+                self._cols[key] = col
+                self._known.add(key)
+                self._cap = self._open_cap  # a new key never changes the cap; kept for clarity
+        return col
+
+    def _prepare(self, key: Any, value: Any) -> tuple[list[Any], Any]:
+        col = self._column(key)
+        if value.__class__ is not float:
+            if self._value_hook is not None:
+                value = self._value_hook(key, value)
+            else:
+                value = to_value(key, value)
+        return col, value
+
+    def _log_slow(self, key: Any, value: Any, step: Any, timestamp: Any) -> None:
+        self._check_usable()
+        col, value = self._prepare(key, value)
+        ts = None if timestamp is None else to_timestamp(timestamp)
+        if step is None:
+            step = self._step
+        else:
+            step = to_step(step)
+            if step != self._step:
+                self._boundary(step)
+        if len(col) >= self._cap and not self._make_room(col):
+            return None
+        col += (self._ts if ts is None else ts, value, step)
+        return None
+
+    def _log_metrics_slow(self, metrics: Mapping[str, Any], step: Any, timestamp: Any) -> None:
+        self._check_usable()
+        if not isinstance(metrics, Mapping):
+            raise InvalidKeyError(
+                f"log_metrics() takes a mapping of metric key to value, not {type(metrics).__name__}"
+            )
+        ts = None if timestamp is None else to_timestamp(timestamp)
+        step = self._step if step is None else to_step(step)
+        prepared = [self._prepare(key, value) for key, value in metrics.items()]  # all checked before any enqueued
+        if step != self._step:
+            self._boundary(step)
+        stamp = self._ts if ts is None else ts
+        for col, value in prepared:
+            if len(col) >= self._cap and not self._make_room(col):
+                continue
+            col += (stamp, value, step)
+
+    def _boundary(self, step: int) -> None:
+        self._step = step
+        self._ts = _now_ms()
+        if self.asleep:
+            self.asleep = False
+            self.wake()
+
+    def _make_room(self, col: list[Any]) -> bool:
+        """Apply ``on_full`` once the buffer holds ``max_buffer`` records; False means drop this record."""
+        self._check_usable()
+        if self.queued() < self._max_buffer:
+            return True
+        if self._on_full == "drop":
+            with self._lock:
+                self._dropped += 1
+                warn = not self._warned_drop
+                self._warned_drop = True
+            if warn:
+                warnings.warn(
+                    f"steplog: the buffer is full ({self._max_buffer} records) and on_full='drop': dropping "
+                    "records until the writer catches up (counted in run.stats().dropped)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return False
+        if self._on_full == "raise":
+            raise BufferFullError(
+                f"the buffer is full ({self._max_buffer} records): the writer is behind or stalled. "
+                "Raise max_buffer, log less often, or use on_full='block' or 'drop'"
+            )
+        if self.loop_thread == threading.get_ident():
+            raise BufferFullError(
+                f"the buffer is full ({self._max_buffer} records) and waiting here would block the event loop "
+                "the writer runs in: await run.aflush() now and then to let it catch up"
+            )
+        self.wake()
+        with self._drained:
+            while self.queued() >= self._max_buffer:
+                self._check_usable()
+                if not self.writer_alive():
+                    raise BufferFullError(
+                        f"the buffer is full ({self._max_buffer} records) and the writer has stopped"
+                    )
+                self._drained.wait(0.05)
+        return True
+
+    # ------------------------------------------------------------------ params, tags, artifacts
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Queue params; refuse a key whose value differs from what is already logged."""
+        self._check_usable()
+        with self._lock:
+            staged: dict[str, str] = {}
+            for key, value in params.items():
+                text = check_param_value(str(key) if isinstance(key, str) else key, value)
+                old = self._params.get(key, staged.get(key))
+                if old is None:
+                    self._param_keys.check_new(key)
+                elif old != text:
+                    raise ParamChangedError(
+                        f"param {key!r} is already logged as {old!r} and cannot change to {text!r}: params are "
+                        "immutable (log a new key, or a metric for values that change)"
+                    )
+                staged[key] = text
+            for key, text in staged.items():
+                if key not in self._params:
+                    self._params[key] = text
+                    self._param_keys.add(key)
+                    self._events.append(("param", key, text))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Queue tags (a tag set again is overwritten)."""
+        self._check_usable()
+        with self._lock:
+            staged: list[tuple[str, str]] = []
+            for key, value in tags.items():
+                if key not in self._tag_keys.files:
+                    self._tag_keys.check_new(key)
+                staged.append((key, check_tag_value(key, value)))
+            for key, text in staged:
+                self._tag_keys.add(key)
+                self._events.append(("tag", key, text))
+
+    def log_artifact(self, record: ArtifactRecord) -> None:
+        """Queue an artifact copy or an in-memory artifact."""
+        self._check_usable()
+        self._events.append(("artifact", record, None))
+
+    # ------------------------------------------------------------------ the writer's side
+
+    def tick(self) -> None:
+        """Refresh the shared timestamp (called by the writer at each wake-up)."""
+        self._ts = _now_ms()
+
+    def drain(self) -> tuple[list[tuple[str, list[Any]]], list[Event]]:
+        """Take everything queued: ``(metrics per key, params/tags/artifacts in order)``."""
+        metrics: list[tuple[str, list[Any]]] = []
+        for key, col in list(self._cols.items()):
+            n = len(col)
+            if n:
+                items = col[:n]
+                del col[:n]
+                metrics.append((key, items))
+        events: list[Event] = []
+        pop = self._events.popleft
+        while True:
+            try:
+                events.append(pop())
+            except IndexError:
+                break
+        return metrics, events
+
+    def notify_drained(self) -> None:
+        """Wake callers blocked by ``on_full="block"``."""
+        with self._drained:
+            self._drained.notify_all()
+
+    def queued(self) -> int:
+        """Records logged and not yet written (in the buffer and in the writer's hands)."""
+        return sum(map(len, list(self._cols.values()))) // 3 + self.pending_records()
+
+    def queued_by_key(self) -> dict[str, int]:
+        """Records still in the buffer, per key."""
+        return {k: len(c) // 3 for k, c in list(self._cols.items()) if c}
+
+    def has_events(self) -> bool:
+        return bool(self._events)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    @property
+    def current_step(self) -> int:
+        return self._step
+
+    def close(self, reason: str) -> None:
+        """Refuse further calls with a RunStateError carrying ``reason``."""
+        self._closed_reason = reason
+        self._cap = -1
+
+    def detach(self) -> None:
+        """Stop tracking this buffer for fork handling."""
+        _live_buffers.discard(self)
+
+
+def _noop() -> None:
+    return None

@@ -1,0 +1,352 @@
+"""The mlruns file-store format (MLFLOW_FORMAT.md §1), shared by the writer's sink and the reader.
+
+Everything that knows how MLflow 3.17 lays a run out on disk lives here: paths,
+``meta.yaml`` rendering and parsing, and the ``<timestamp> <value> <step>`` metric
+line encoding. The sink (:mod:`steplog.sinks.mlruns`) and the reader
+(:mod:`steplog.store`) both import it, so what is written and what is read cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "DEFAULT_EXPERIMENT_ID",
+    "RESERVED_EXPERIMENT_FOLDERS",
+    "dump_meta",
+    "encode_metric_lines",
+    "experiment_meta",
+    "file_uri",
+    "new_experiment_id",
+    "new_run_id",
+    "parse_meta",
+    "parse_metric_lines",
+    "random_run_name",
+    "run_meta",
+    "uri_to_path",
+    "write_atomic",
+]
+
+DEFAULT_EXPERIMENT_ID = "0"
+DEFAULT_EXPERIMENT_NAME = "Default"
+META = "meta.yaml"
+RUN_DIRS = ("metrics", "params", "tags", "artifacts")
+RESERVED_EXPERIMENT_FOLDERS = frozenset({"tags", "datasets", "traces", "models"})
+RESERVED_ROOT_FOLDERS = frozenset({".trash", "models"})
+TMP_PREFIX = ".steplog-tmp-"
+"""Temporary files live in the run directory (never in metrics/, where MLflow would read them as metrics)."""
+
+
+# --------------------------------------------------------------------------- ids, names, uris
+
+
+def new_run_id() -> str:
+    """A run id as MLflow makes it: 32 lowercase hex digits."""
+    return uuid.uuid4().hex
+
+
+def new_experiment_id() -> str:
+    """An experiment id as MLflow's file store makes it: an 18-digit integer, as a string."""
+    digits = str(uuid.uuid4().int)[:18].lstrip("0")
+    while len(digits) < 18:
+        digits += str(random.randint(0, 9))
+    return digits
+
+
+_ADJECTIVES = (
+    "abundant", "bold", "brave", "bright", "calm", "clever", "crisp", "dapper", "eager", "gentle",
+    "glamorous", "hilarious", "honest", "humble", "lucky", "merciful", "nimble", "polite", "quiet",
+    "resilient", "shy", "silent", "sincere", "spry", "stately", "sunny", "tasteful", "unique", "valuable",
+    "wise",
+)  # fmt: skip
+_NOUNS = (
+    "ant", "bass", "bat", "bee", "calf", "cat", "crab", "deer", "dog", "doe", "eel", "fawn", "finch",
+    "fox", "gnu", "goat", "hare", "hawk", "hen", "jay", "koi", "lark", "lynx", "mole", "moth", "newt",
+    "owl", "ram", "seal", "shrew", "slug", "snail", "sow", "squid", "stag", "swan", "toad", "trout",
+    "whale", "wolf", "wren", "yak",
+)  # fmt: skip
+
+
+def random_run_name() -> str:
+    """A run name in MLflow's ``<adjective>-<noun>-<int>`` style."""
+    return f"{random.choice(_ADJECTIVES)}-{random.choice(_NOUNS)}-{random.randint(0, 999)}"
+
+
+def file_uri(path: str | os.PathLike[str]) -> str:
+    """``file://`` URI of an absolute local path, as MLflow writes it (``file:///abs/path``)."""
+    return Path(os.path.abspath(path)).as_uri()
+
+
+def uri_to_path(uri: str) -> Path:
+    """Local path of a ``file:`` URI or a plain path."""
+    if uri.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path))
+    if uri.startswith("file:"):
+        return Path(uri[len("file:") :])
+    return Path(uri)
+
+
+# --------------------------------------------------------------------------- meta.yaml
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        if value and re.fullmatch(r"[A-Za-z_][\w.\-/]*", value) and value.lower() not in _YAML_WORDS:
+            return value  # plain scalars MLflow itself would write unquoted (active, names, ...)
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
+    if isinstance(value, (list, tuple)) and not value:
+        return "[]"
+    if isinstance(value, Mapping) and not value:
+        return "{}"
+    raise TypeError(f"cannot render {value!r} in meta.yaml")
+
+
+_YAML_WORDS = frozenset({"null", "true", "false", "yes", "no", "on", "off", "y", "n", "nan", "inf", "~"})
+
+
+def dump_meta(fields: Mapping[str, Any]) -> str:
+    """Render a flat mapping as block YAML with sorted keys, the way MLflow's ``safe_dump`` does.
+
+    Digit-only ids stay strings (quoted), so PyYAML never reads them back as ints.
+    """
+    return "".join(f"{key}: {_yaml_scalar(fields[key])}\n" for key in sorted(fields))
+
+
+def _parse_scalar(text: str) -> Any:
+    text = text.strip()
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text == "[]":
+        return []
+    if text == "{}":
+        return {}
+    if text[0] == "'" and text.endswith("'") and len(text) >= 2:
+        return text[1:-1].replace("''", "'")
+    if text[0] == '"' and text.endswith('"') and len(text) >= 2:
+        return json.loads(text)
+    if re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    if text in ("true", "True"):
+        return True
+    if text in ("false", "False"):
+        return False
+    return text
+
+
+def parse_meta(text: str) -> dict[str, Any]:
+    """Parse a ``meta.yaml`` as MLflow writes it (a flat mapping; nested blocks are skipped).
+
+    Falls back to PyYAML, when installed, for anything the flat parser does not understand.
+    """
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in " \t-":
+            continue  # a nested block (e.g. ``tags:`` of a deleted experiment): not needed
+        key, sep, rest = line.partition(":")
+        if not sep:
+            return _parse_meta_yaml(text)
+        try:
+            out[key.strip()] = _parse_scalar(rest)
+        except ValueError:
+            return _parse_meta_yaml(text)
+    return out
+
+
+def _parse_meta_yaml(text: str) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - PyYAML is present wherever MLflow is
+        raise ValueError("meta.yaml is not a flat mapping and PyYAML is not installed") from None
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError("meta.yaml is not a mapping")
+    return data
+
+
+def experiment_meta(experiment_id: str, name: str, artifact_location: str, now_ms: int) -> dict[str, Any]:
+    """The fields of an experiment's ``meta.yaml`` as MLflow 3.17 writes them."""
+    return {
+        "artifact_location": artifact_location,
+        "creation_time": now_ms,
+        "experiment_id": experiment_id,
+        "last_update_time": now_ms,
+        "lifecycle_stage": "active",
+        "name": name,
+    }
+
+
+def run_meta(
+    *,
+    run_id: str,
+    experiment_id: str,
+    run_name: str,
+    artifact_uri: str,
+    user_id: str,
+    start_time: int,
+    end_time: int | None,
+    status: int,
+) -> dict[str, Any]:
+    """The fields of a run's ``meta.yaml``: MLflow 3.17's, legacy fields included, integer status."""
+    return {
+        "artifact_uri": artifact_uri,
+        "deleted_time": None,
+        "end_time": end_time,
+        "entry_point_name": "",
+        "experiment_id": experiment_id,
+        "lifecycle_stage": "active",
+        "run_id": run_id,
+        "run_name": run_name,
+        "source_name": "",
+        "source_type": 4,
+        "source_version": "",
+        "start_time": start_time,
+        "status": status,
+        "tags": [],
+        "user_id": user_id,
+    }
+
+
+def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file in the same directory, then ``os.replace``)."""
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with _suppress_oserror():
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress_oserror():
+            os.unlink(tmp)
+        raise
+
+
+class _suppress_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is not None and issubclass(exc[0], OSError)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- metric lines
+
+_LINE = b"%d %b %d\n"
+_NON_FINITE = {math.inf: b"inf", -math.inf: b"-inf"}
+
+
+def encode_values(values: list[float]) -> list[bytes]:
+    """Each float's shortest text that ``float()`` reads back to the same bits.
+
+    orjson formats finite floats exactly (shortest round trip) at a fraction of ``repr``'s
+    cost; it writes NaN and infinities as ``null``, which get their own spelling here.
+    """
+    dumped = orjson.dumps(values)
+    texts = dumped[1:-1].split(b",")
+    if b"null" in dumped:
+        for i, text in enumerate(texts):
+            if text == b"null":
+                value = values[i]
+                texts[i] = b"nan" if value != value else _NON_FINITE[value]
+    return texts
+
+
+def encode_metric_lines(items: list[Any]) -> bytes:
+    """Encode interleaved ``[ts, value, step, ts, value, step, ...]`` as metric-file lines.
+
+    The line is ``f"{ts} {value} {step}\\n"`` with the value spelled so that ``float()``
+    gives back the same bits (NaN as ``nan``, infinities as ``inf``/``-inf``, ``-0.0`` kept).
+    """
+    n = len(items) // 3
+    if not n:
+        return b""
+    args = items.copy()
+    args[1::3] = encode_values(items[1::3])
+    return (_LINE * n) % tuple(args)
+
+
+def encode_metric_line(timestamp: int, value: float, step: int) -> bytes:
+    """One metric line (see :func:`encode_metric_lines`)."""
+    return encode_metric_lines([timestamp, value, step])
+
+
+def parse_metric_lines(data: bytes) -> tuple[list[int], list[float], list[int], int]:
+    """Parse a metric file's bytes into ``(steps, values, timestamps, bad_lines)``.
+
+    Follows MLflow's reader: 3 or 5 fields (``ts value step [dataset digest]``), or the legacy
+    2-field form (step 0). An incomplete last line (no ``\\n``: a live writer mid-append, or a
+    torn tail) is ignored. Malformed lines are skipped and counted in ``bad_lines``.
+    """
+    end = data.rfind(b"\n")
+    body = data[: end + 1] if end >= 0 else b""
+    tokens = body.split()
+    n_lines = body.count(b"\n")
+    if len(tokens) == 3 * n_lines and b"\r" not in body and b"  " not in body and b"\t" not in body:
+        try:
+            return (
+                list(map(int, tokens[2::3])),
+                list(map(float, tokens[1::3])),
+                list(map(int, tokens[0::3])),
+                0,
+            )
+        except ValueError:
+            pass  # fall back to the line-by-line parser, which skips only the bad lines
+    steps: list[int] = []
+    values: list[float] = []
+    stamps: list[int] = []
+    bad = 0
+    for raw in body.split(b"\n")[:-1]:
+        fields = raw.strip().split(b" ")
+        try:
+            if len(fields) in (3, 5):
+                ts, value, step = int(fields[0]), float(fields[1]), int(fields[2])
+            elif len(fields) == 2:
+                ts, value, step = int(fields[0]), float(fields[1]), 0
+            else:
+                raise ValueError(raw)
+        except ValueError:
+            bad += 1
+            continue
+        stamps.append(ts)
+        values.append(value)
+        steps.append(step)
+    return steps, values, stamps, bad
+
+
+def iter_files(folder: Path) -> Iterable[tuple[str, Path]]:
+    """``(key, path)`` for every file below ``folder``, keys with ``/`` for nested folders (MLflow's walk)."""
+    base = len(str(folder)) + 1
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            yield path[base:].replace(os.sep, "/"), Path(path)

@@ -1,0 +1,457 @@
+"""The local MLflow file store ("mlruns"), written exactly as MLflow 3.17 reads it.
+
+Line discipline (MLFLOW_FORMAT.md §1.13): a key's batch is one ``write()`` of whole
+lines on an ``O_APPEND`` descriptor; a failed or short write is cut back to the
+previous size, so no partial line ever stays; a metric file is created only with
+its first lines (written to a temporary file in the run directory, then renamed);
+a file reopened later has any torn tail cut back to its last newline; meta files
+are replaced atomically. Identical points (same key, timestamp, step and value)
+are written once, so ``mlflow migrate-filestore`` accepts the store.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import getpass
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+
+from .._errors import InvalidKeyError, WriteError
+from .._layout import (
+    DEFAULT_EXPERIMENT_ID,
+    DEFAULT_EXPERIMENT_NAME,
+    META,
+    RESERVED_ROOT_FOLDERS,
+    RUN_DIRS,
+    TMP_PREFIX,
+    dump_meta,
+    encode_values,
+    experiment_meta,
+    file_uri,
+    new_experiment_id,
+    new_run_id,
+    parse_meta,
+    run_meta,
+    uri_to_path,
+    write_atomic,
+)
+from .._records import ArtifactRecord, RunInfo, RunStatus
+from ..typing import Batch, RunRequest
+
+__all__ = ["MlrunsSink", "default_user", "source_name"]
+
+_LINE = b"%d %b %d\n"
+
+
+def default_user() -> str:
+    """The user MLflow records: ``MLFLOW_TRACKING_USERNAME`` or the OS user."""
+    try:
+        return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+    except Exception:  # getpass fails without a passwd entry (some containers)
+        return "unknown"
+
+
+def source_name() -> str:
+    """What MLflow records as ``mlflow.source.name``: the script path, or ``<console>``."""
+    main = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if not main or main == "-c":
+        return "<console>"
+    return os.path.abspath(main) if os.path.exists(main) else main
+
+
+class _MetricFile:
+    __slots__ = ("fd", "path", "size")
+
+    def __init__(self, fd: int, path: Path, size: int) -> None:
+        self.fd = fd
+        self.path = path
+        self.size = size
+
+
+class MlrunsSink:
+    """Writes one run into a local mlruns directory.
+
+    Args:
+        root: the store's root directory (``./mlruns``) or a ``file:`` URI.
+        durability: ``"os"`` hands each write to the OS; ``"fsync"`` also fsyncs what
+            each write touched before it counts as written.
+        max_open_files: metric files kept open at once (least recently used are closed).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        durability: Literal["os", "fsync"] = "os",
+        max_open_files: int = 128,
+    ) -> None:
+        self.root = uri_to_path(os.fspath(root)).absolute()
+        self._fsync = durability == "fsync"
+        self._max_open = max(1, max_open_files)
+        self._files: collections.OrderedDict[str, _MetricFile] = collections.OrderedDict()
+        self._created: set[str] = set()
+        self._recent: dict[str, tuple[Any, set[bytes]]] = {}
+        self._lock = threading.Lock()
+        self._meta: dict[str, Any] = {}
+        self.run_dir: Path | None = None
+        self.bytes_written = 0
+        self.duplicates_skipped = 0
+
+    # ------------------------------------------------------------------ open
+
+    async def open(self, request: RunRequest) -> RunInfo:
+        return await anyio.to_thread.run_sync(self.open_sync, request)
+
+    def open_sync(self, request: RunRequest) -> RunInfo:
+        """Create the experiment if needed and the run (directories, meta, system tags)."""
+        root = self.root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with _locked(root):
+                (root / ".trash").mkdir(exist_ok=True)
+                if not any(_is_experiment_dir(p) for p in root.iterdir()):
+                    self._write_experiment(DEFAULT_EXPERIMENT_ID, DEFAULT_EXPERIMENT_NAME)
+                experiment_id = request.experiment_id or self._find_experiment(request.experiment_name)
+                if experiment_id is None:
+                    experiment_id = new_experiment_id()
+                    while (root / experiment_id).exists():
+                        experiment_id = new_experiment_id()
+                    self._write_experiment(experiment_id, request.experiment_name)
+        except OSError as exc:
+            raise WriteError(f"cannot create the experiment in {root}: {exc}") from exc
+        exp_meta = parse_meta((root / experiment_id / META).read_text(encoding="utf-8"))
+        run_id = request.run_id or new_run_id()
+        run_dir = root / experiment_id / run_id
+        artifact_location = str(exp_meta.get("artifact_location") or file_uri(root / experiment_id))
+        artifact_uri = f"{artifact_location.rstrip('/')}/{run_id}/artifacts"
+        try:
+            run_dir.mkdir(parents=False, exist_ok=bool(request.run_id))
+            for name in RUN_DIRS:
+                (run_dir / name).mkdir(exist_ok=True)
+            self._meta = run_meta(
+                run_id=run_id,
+                experiment_id=experiment_id,
+                run_name=request.run_name,
+                artifact_uri=artifact_uri,
+                user_id=request.user_id,
+                start_time=request.start_time,
+                end_time=None,
+                status=int(RunStatus.RUNNING),
+            )
+            self.run_dir = run_dir
+            write_atomic(run_dir / META, dump_meta(self._meta).encode(), fsync=self._fsync)
+            tags = {
+                "mlflow.user": request.user_id,
+                "mlflow.source.name": source_name(),
+                "mlflow.source.type": "LOCAL",
+                **request.tags,
+                "mlflow.runName": request.run_name,
+            }
+            for key, value in tags.items():
+                self._write_value("tags", key, value)
+        except OSError as exc:
+            raise WriteError(f"cannot create the run in {run_dir}: {exc}") from exc
+        return RunInfo(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            experiment_name=request.experiment_name,
+            run_name=request.run_name,
+            artifact_uri=artifact_uri,
+            tracking_uri=file_uri(root),
+            start_time=request.start_time,
+            user_id=request.user_id,
+        )
+
+    def _find_experiment(self, name: str) -> str | None:
+        for base in (self.root, self.root / ".trash"):
+            if not base.is_dir():
+                continue
+            for entry in sorted(base.iterdir()):
+                if not _is_experiment_dir(entry):
+                    continue
+                try:
+                    meta = parse_meta((entry / META).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                if meta.get("name") == name:
+                    if base != self.root or meta.get("lifecycle_stage") == "deleted":
+                        raise InvalidKeyError(
+                            f"experiment {name!r} is deleted (id {entry.name}): restore it "
+                            "(mlflow experiments restore) or log to another experiment name"
+                        )
+                    return entry.name
+        return None
+
+    def _write_experiment(self, experiment_id: str, name: str) -> None:
+        folder = self.root / experiment_id
+        folder.mkdir(exist_ok=True)
+        now = int(time.time() * 1000)
+        meta = experiment_meta(experiment_id, name, file_uri(folder), now)
+        write_atomic(folder / META, dump_meta(meta).encode(), fsync=self._fsync)
+
+    # ------------------------------------------------------------------ write
+
+    async def write(self, batch: Batch) -> None:
+        await anyio.to_thread.run_sync(self.write_sync, batch, abandon_on_cancel=True)
+
+    def write_sync(self, batch: Batch) -> None:
+        """Write a batch; each finished entry is marked in ``batch.done`` (a retry skips it)."""
+        with self._lock:
+            done = batch.done
+            touched: list[int] = []
+            for key, items in batch.metrics:
+                if ("metric", key) in done:
+                    continue
+                fd = self._write_metric(key, items)
+                if fd is not None and self._fsync:
+                    touched.append(fd)
+                done.add(("metric", key))
+            for key, text in batch.params:
+                if ("param", key) not in done:
+                    self._write_value("params", key, text)
+                    done.add(("param", key))
+            for key, text in batch.tags:
+                if ("tag", key) not in done:
+                    self._write_value("tags", key, text)
+                    if key == "mlflow.runName":
+                        self._meta["run_name"] = text
+                        self._write_meta()
+                    done.add(("tag", key))
+            for record in batch.artifacts:
+                if ("artifact", record.artifact_path) not in done:
+                    self._write_artifact(record)
+                    done.add(("artifact", record.artifact_path))
+            for fd in touched:
+                os.fsync(fd)
+
+    def _encode(self, key: str, items: list[Any]) -> bytes:
+        """Lines for a key's items, without points identical to one already written or queued."""
+        stamps = items[0::3]
+        texts = encode_values(items[1::3])
+        steps = items[2::3]
+        n = len(steps)
+        recent = self._recent.get(key)
+        if len(set(steps)) == n and (recent is None or recent[0] != (steps[0], stamps[0])):
+            self._recent[key] = ((steps[-1], stamps[-1]), {texts[-1]})
+            args = items.copy()
+            args[1::3] = texts
+            return (_LINE * n) % tuple(args)
+        # slow path: some step repeats; drop points equal to one of the same (step, timestamp)
+        current, seen = recent if recent is not None else (None, set())
+        keep: list[Any] = []
+        for ts, text, step in zip(stamps, texts, steps, strict=True):
+            stamp = (step, ts)
+            if stamp != current:
+                current, seen = stamp, set()
+            elif text in seen:
+                self.duplicates_skipped += 1
+                continue
+            seen.add(text)
+            keep += (ts, text, step)
+        self._recent[key] = (current, seen)
+        return (_LINE * (len(keep) // 3)) % tuple(keep)
+
+    def _write_metric(self, key: str, items: list[Any]) -> int | None:
+        data = self._encode(key, items)
+        if not data:
+            return None
+        assert self.run_dir is not None
+        handle = self._files.get(key)
+        if handle is not None:
+            self._files.move_to_end(key)
+        elif key in self._created or (self.run_dir / "metrics" / key).exists():
+            handle = self._reopen(key)
+        else:
+            return self._create_metric(key, data)
+        _append(handle, data)
+        self.bytes_written += len(data)
+        return handle.fd
+
+    def _create_metric(self, key: str, data: bytes) -> int:
+        """Create the metric file together with its first lines (never an empty metric file)."""
+        assert self.run_dir is not None
+        final = self.run_dir / "metrics" / key
+        tmp = self.run_dir / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise _write_error(final, exc) from exc
+        handle = _MetricFile(fd, final, 0)
+        try:
+            _append(handle, data)
+            os.rename(tmp, final)
+        except BaseException as exc:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+                raise _write_error(final, exc) from exc
+            raise
+        self._created.add(key)
+        self._remember(key, handle)
+        self.bytes_written += len(data)
+        return fd
+
+    def _reopen(self, key: str) -> _MetricFile:
+        """Open an existing metric file for appending, cutting a torn tail back to its last newline."""
+        assert self.run_dir is not None
+        path = self.run_dir / "metrics" / key
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            size = cut_torn_tail(fd)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+        handle = _MetricFile(fd, path, size)
+        self._created.add(key)
+        self._remember(key, handle)
+        return handle
+
+    def _remember(self, key: str, handle: _MetricFile) -> None:
+        self._files[key] = handle
+        while len(self._files) > self._max_open:
+            _old_key, old = self._files.popitem(last=False)
+            os.close(old.fd)
+
+    def _write_value(self, folder: str, key: str, text: str) -> None:
+        assert self.run_dir is not None
+        path = self.run_dir / folder / key
+        data = text.encode("utf-8")
+        try:
+            if folder == "params" and path.exists():
+                if path.read_bytes() == data:
+                    return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data, fsync=self._fsync)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+        self.bytes_written += len(data)
+
+    def _write_artifact(self, record: ArtifactRecord) -> None:
+        assert self.run_dir is not None
+        root = (self.run_dir / "artifacts").resolve()
+        dest = (root / record.artifact_path).resolve()
+        if dest != root and root not in dest.parents:  # validated at the call; checked again here
+            raise WriteError(f"artifact path {record.artifact_path!r} escapes the run's artifact directory")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if record.data is not None:
+                write_atomic(dest, record.data, fsync=self._fsync)
+                self.bytes_written += len(record.data)
+            elif record.source is not None and os.path.isdir(record.source):
+                shutil.copytree(record.source, dest, dirs_exist_ok=True)
+            elif record.source is not None:
+                shutil.copyfile(record.source, dest)
+                self.bytes_written += dest.stat().st_size
+        except OSError as exc:
+            raise _write_error(dest, exc) from exc
+
+    def _write_meta(self) -> None:
+        assert self.run_dir is not None
+        path = self.run_dir / META
+        try:
+            write_atomic(path, dump_meta(self._meta).encode(), fsync=self._fsync)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self, status: RunStatus, end_time: int) -> None:
+        await anyio.to_thread.run_sync(self.close_sync, status, end_time, abandon_on_cancel=True)
+
+    def close_sync(self, status: RunStatus, end_time: int) -> None:
+        """Write the final status and end time, then close every file."""
+        with self._lock:
+            try:
+                if self.run_dir is not None:
+                    self._meta["status"] = int(status)
+                    self._meta["end_time"] = end_time
+                    self._write_meta()
+            finally:
+                while self._files:
+                    _key, handle = self._files.popitem()
+                    os.close(handle.fd)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def cut_torn_tail(fd: int) -> int:
+    """Truncate an open file back to just after its last newline (or to empty); return the new size."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    pos = size
+    while pos > 0:
+        start = max(0, pos - 65536)
+        chunk = os.pread(fd, pos - start, start)
+        nl = chunk.rfind(b"\n")
+        if nl >= 0:
+            new_size = start + nl + 1
+            os.ftruncate(fd, new_size)
+            return new_size
+        pos = start
+    os.ftruncate(fd, 0)
+    return 0
+
+
+def _append(handle: _MetricFile, data: bytes) -> None:
+    """Append whole lines with one write; on any failure cut the file back so no partial line stays."""
+    try:
+        written = os.write(handle.fd, data)
+        if written != len(data):
+            # a short write on a regular file means the disk is full; finish or undo
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(handle.fd, view) :]
+    except OSError as exc:
+        try:
+            os.ftruncate(handle.fd, handle.size)
+        except OSError:
+            pass
+        raise _write_error(handle.path, exc) from exc
+    handle.size += len(data)
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    name = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
+    err = WriteError(f"cannot write {path}: {exc.strerror or exc}{f' ({name})' if name else ''}")
+    err.errno = exc.errno
+    err.filename = str(path)
+    return err
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _is_experiment_dir(path: Path) -> bool:
+    return path.name not in RESERVED_ROOT_FOLDERS and path.is_dir() and (path / META).is_file()
+
+
+class _locked:
+    """An exclusive ``flock`` on a directory, so concurrent processes do not create one experiment twice."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self._folder, os.O_RDONLY)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
