@@ -8,7 +8,6 @@
             run.log_metric("loss", loss, step=step)   # returns in a fraction of a microsecond
 """
 
-from __future__ import annotations
 
 from ._errors import BufferFullError as BufferFullError
 from ._errors import FlushTimeoutError as FlushTimeoutError

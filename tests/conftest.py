@@ -1,0 +1,47 @@
+"""Shared fixtures: async backends, a fresh store per test, and MLflow's real reader."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# MLflow 3.17 refuses to open a file store without this (MLFLOW_FORMAT.md §1.1).
+os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+os.environ.pop("STEPLOG_TRACKING_URI", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every async test runs on asyncio and on trio."""
+    return str(request.param)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A path for a fresh mlruns store (not created yet, as on a new machine)."""
+    return tmp_path / "mlruns"
+
+
+@pytest.fixture
+def mlflow_client(store: Path) -> Iterator[Any]:
+    """MLflow 3.17's own client reading ``store`` (created lazily by the test's run first)."""
+    from mlflow.tracking import MlflowClient
+
+    yield MlflowClient(tracking_uri=store.as_uri())
+
+
+@pytest.fixture(autouse=True)
+def _no_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run runs inside pytest's process: leave its SIGINT/SIGTERM handling alone by default."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in before.items():
+        if signal.getsignal(signum) is not handler and handler is not None:
+            signal.signal(signum, handler)
