@@ -45,3 +45,16 @@ def _no_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
     for signum, handler in before.items():
         if signal.getsignal(signum) is not handler and handler is not None:
             signal.signal(signum, handler)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real ``mlflow server`` (sqlite, artifacts served) on 127.0.0.1, shared by the REST tests; stopped at exit."""
+    from _mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

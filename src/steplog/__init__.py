@@ -18,14 +18,47 @@ from ._errors import RunStateError as RunStateError
 from ._errors import ServerError as ServerError
 from ._errors import StepLogError as StepLogError
 from ._errors import WriteError as WriteError
-from ._records import MetricPoint as MetricPoint
-from ._records import RunInfo as RunInfo
-from ._records import RunStatus as RunStatus
-from ._records import Stats as Stats
-from ._run import Run as Run
-from ._run import start_run as start_run
 from ._version import __version__ as __version__
-from .store import Store as Store
+
+_TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs more than the rest of this module
+if _TYPE_CHECKING:
+    from ._records import MetricPoint as MetricPoint
+    from ._records import RunInfo as RunInfo
+    from ._records import RunStatus as RunStatus
+    from ._records import Stats as Stats
+    from ._run import Run as Run
+    from ._run import start_run as start_run
+    from .store import Store as Store
+
+# The rest of the API is imported on first use (PEP 562), so `import steplog` stays cheap
+# (a few ms, not the ~100 ms of anyio, dataclasses and the writer): worth it for CLIs, worker
+# processes and test collection that import steplog without logging. Each name is still an
+# explicit re-export from one private module; add new ones here and in the block above.
+_LAZY = {
+    "MetricPoint": "._records",
+    "Run": "._run",
+    "RunInfo": "._records",
+    "RunStatus": "._records",
+    "Stats": "._records",
+    "Store": ".store",
+    "start_run": "._run",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'steplog' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups are plain module attributes
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "BufferFullError",

@@ -24,12 +24,14 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 from ._errors import BufferFullError, InvalidKeyError, ParamChangedError, RunStateError, StepLogError
 from ._records import ArtifactRecord
 from ._validation import (
+    INT64_MAX,
+    INT64_MIN,
     check_key,
     check_param_value,
     check_tag_value,
@@ -46,8 +48,11 @@ Event = tuple[str, Any, Any]  # ("param", key, text) | ("tag", key, text) | ("ar
 _live_buffers: weakref.WeakSet[Buffer] = weakref.WeakSet()
 
 
+_time_ns = time.time_ns
+
+
 def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
+    return _time_ns() // 1_000_000
 
 
 def _after_fork_in_child() -> None:
@@ -70,9 +75,18 @@ class _Namespace:
         self.files: set[str] = set()
         self.dirs: set[str] = set()
 
-    def check_new(self, key: object) -> str:
-        """Validate a key not seen before, including the file/folder clash of MLflow's layout."""
+    def check_new(self, key: object, staged: Iterable[str] = ()) -> str:
+        """Validate a key not seen before, including the file/folder clash of MLflow's layout.
+
+        ``staged`` holds keys of the same call, not added yet: they must not clash either.
+        """
         key = check_key(key, self.kind)
+        for other in staged:
+            if other.startswith(key + "/") or key.startswith(other + "/"):
+                raise InvalidKeyError(
+                    f"{self.kind} keys {other!r} and {key!r} cannot both be logged: on disk "
+                    f"{min(other, key, key=len)!r} would have to be both a file and a folder"
+                )
         if key in self.dirs:
             other = next(k for k in self.files if k.startswith(key + "/"))
             raise InvalidKeyError(
@@ -132,7 +146,7 @@ class Buffer:
         self._pid = os.getpid()
         self.asleep = False
         """Set by the writer while it sleeps; a step boundary then wakes it (at most once a sleep)."""
-        self.wake: Callable[[], None] = _noop
+        self.wake: Callable[[], object] = _noop
         """Schedules the writer's wake-up from any thread (set by the host)."""
         self.loop_thread: int | None = None
         """Thread id of the event loop the writer runs in, where blocking would deadlock (async hosting)."""
@@ -149,10 +163,22 @@ class Buffer:
         except (KeyError, TypeError):
             return self._log_slow(key, value, step, timestamp)
         if value.__class__ is float and timestamp is None and len(col) < self._cap:
+            # Cheapest test first: in a training loop the step passed is the very int object
+            # of the current step (a loop variable), so identity settles most calls.
+            if step is self._step:
+                col += (self._ts, value, step)
+                return None
             if step is None:
                 col += (self._ts, value, self._step)
                 return None
-            if step.__class__ is int and step == self._step:
+            if step.__class__ is int and INT64_MIN <= step <= INT64_MAX:
+                if step != self._step:
+                    # a step boundary, inlined: one key per step makes every call one
+                    self._step = step
+                    self._ts = _time_ns() // 1_000_000
+                    if self.asleep:
+                        self.asleep = False
+                        self.wake()
                 col += (self._ts, value, step)
                 return None
         return self._log_slow(key, value, step, timestamp)
@@ -164,12 +190,18 @@ class Buffer:
         if timestamp is None and self._cap > 0 and metrics.__class__ is dict:
             if step is None:
                 step = self._step
-            elif step.__class__ is not int or step != self._step:
+            elif step is not self._step and not (step.__class__ is int and INT64_MIN <= step <= INT64_MAX):
                 return self._log_metrics_slow(metrics, step, timestamp)
             if metrics.keys() <= self._known:
                 for value in metrics.values():
                     if value.__class__ is not float:
                         return self._log_metrics_slow(metrics, step, timestamp)
+                if step != self._step:  # a step boundary (the usual case: one call per step)
+                    self._step = step
+                    self._ts = _time_ns() // 1_000_000
+                    if self.asleep:
+                        self.asleep = False
+                        self.wake()
                 cols = self._cols
                 ts = self._ts
                 cap = self._cap
@@ -212,10 +244,8 @@ class Buffer:
     def _prepare(self, key: Any, value: Any) -> tuple[list[Any], Any]:
         col = self._column(key)
         if value.__class__ is not float:
-            if self._value_hook is not None:
-                value = self._value_hook(key, value)
-            else:
-                value = to_value(key, value)
+            hook = self._value_hook
+            value = to_value(key, value) if hook is None else hook(key, value)
         return col, value
 
     def _log_slow(self, key: Any, value: Any, step: Any, timestamp: Any) -> None:
@@ -307,7 +337,7 @@ class Buffer:
                 text = check_param_value(str(key) if isinstance(key, str) else key, value)
                 old = self._params.get(key, staged.get(key))
                 if old is None:
-                    self._param_keys.check_new(key)
+                    self._param_keys.check_new(key, staged)
                 elif old != text:
                     raise ParamChangedError(
                         f"param {key!r} is already logged as {old!r} and cannot change to {text!r}: params are "
@@ -327,7 +357,7 @@ class Buffer:
             staged: list[tuple[str, str]] = []
             for key, value in tags.items():
                 if key not in self._tag_keys.files:
-                    self._tag_keys.check_new(key)
+                    self._tag_keys.check_new(key, [k for k, _text in staged])
                 staged.append((key, check_tag_value(key, value)))
             for key, text in staged:
                 self._tag_keys.add(key)

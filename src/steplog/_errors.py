@@ -62,6 +62,10 @@ class FlushTimeoutError(StepLogError, TimeoutError):
 class WriteError(StepLogError, OSError):
     """Raised at a barrier or at close when the background writer could not write; names the file and cause."""
 
+    def __str__(self) -> str:
+        # the message names the file and the OS error; OSError's "[Errno n] None: file" form would hide it
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
 
 class ServerError(StepLogError):
     """Raised when an MLflow tracking server refuses a request for good (names its error_code and message)."""

@@ -2,14 +2,19 @@
 
 * atexit closes every run the user did not close, with FAILED after an uncaught
   exception, KILLED after a KeyboardInterrupt or a handled signal, else FINISHED.
-  Each close is bounded by the run's ``close_timeout``.
-* SIGTERM (what schedulers send): pending data is written, open runs are marked
-  KILLED with an end time, then the previous handler runs; if that was the
-  default, the default action is taken again, so the process ends exactly as it
-  would have without steplog (same exit status).
+  Each close is bounded by the run's ``close_timeout``, even with a stuck sink.
+* SIGTERM (what schedulers send): pending data is written first. If the previous
+  handler was the default action, open runs are then closed as KILLED with an end
+  time and the signal is delivered again with the default action, so the process
+  ends exactly as it would have without steplog (same exit status, ``-15``). If the
+  user installed a handler before steplog, it runs next, with the runs still open:
+  a handler that raises (``sys.exit``) closes them through ``with``/atexit as KILLED,
+  and a handler that only sets a flag for a graceful stop lets the loop keep logging.
 * SIGINT: the previous handler runs (by default it raises KeyboardInterrupt, so a
   ``with`` block or the atexit hook closes the run as KILLED, and code that catches
   KeyboardInterrupt to finish gracefully can keep logging).
+* A signal set to SIG_IGN before steplog stays ignored: steplog installs nothing
+  for it, so the process goes on exactly as it would have.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import os
 import signal
 import sys
 import threading
-import weakref
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +32,18 @@ from ._records import RunStatus
 if TYPE_CHECKING:
     from ._run import Run
 
-__all__ = ["install_signal_handlers", "register", "unregister"]
+__all__ = ["install_signal_handlers", "register", "signalled", "unregister"]
 
-_runs: weakref.WeakSet[Run] = weakref.WeakSet()
+# strong references: a run the user dropped without closing must still be closed (and written) at exit
+_runs: set[Run] = set()
 _lock = threading.Lock()
 _exit_status: RunStatus | None = None
+_signalled = False
 _installed_hooks = False
 _previous_handlers: dict[int, Any] = {}
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
+_SIGNAL_FLUSH_TIMEOUT = 10.0
+"""The most seconds a SIGTERM handler spends writing a run's pending data before chaining."""
 
 
 def register(run: Run) -> None:
@@ -50,8 +58,14 @@ def register(run: Run) -> None:
 
 
 def unregister(run: Run) -> None:
+    """Stop tracking a run (it is closed)."""
     with _lock:
         _runs.discard(run)
+
+
+def signalled() -> bool:
+    """True once steplog handled SIGTERM or SIGINT in this process (runs then end as KILLED)."""
+    return _signalled
 
 
 def _open_runs() -> list[Run]:
@@ -68,11 +82,10 @@ def _close_all_at_exit() -> None:
 def _wrap_excepthook() -> None:
     previous = sys.excepthook
 
-    def excepthook(
-        exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
-    ) -> None:
+    def excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
         global _exit_status
-        _exit_status = RunStatus.KILLED if issubclass(exc_type, KeyboardInterrupt) else RunStatus.FAILED
+        if _exit_status is None:  # a handled signal already decided KILLED
+            _exit_status = RunStatus.KILLED if issubclass(exc_type, KeyboardInterrupt) else RunStatus.FAILED
         previous(exc_type, exc, tb)
 
     sys.excepthook = excepthook
@@ -96,22 +109,28 @@ def install_signal_handlers(*, explicit: bool = False) -> None:
             continue
         if current is None:  # installed from C: leave it alone
             continue
+        if current == signal.SIG_IGN:  # the process chose to ignore it: so does steplog
+            continue
         _previous_handlers[signum] = current
         signal.signal(signum, _on_signal)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> Any:
-    global _exit_status
+    global _exit_status, _signalled
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
     _exit_status = RunStatus.KILLED
-    if signum == signal.SIGTERM or previous == signal.SIG_DFL:
+    _signalled = True
+    if previous == signal.SIG_DFL:
+        # the process is about to end: write what is pending, record KILLED, then die as before
         for run in _open_runs():
             run._emergency_close(RunStatus.KILLED)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return None
+    if signum == signal.SIGTERM:
+        # the user's handler decides what happens next; whatever it does, pending data is on disk first
+        for run in _open_runs():
+            run._emergency_flush(_SIGNAL_FLUSH_TIMEOUT)
     if callable(previous):
         return previous(signum, frame)
-    if previous == signal.SIG_IGN:
-        return None
-    # the default action: restore it and deliver the signal again, so the exit status is unchanged
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
     return None

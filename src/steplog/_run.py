@@ -12,16 +12,18 @@ the sinks). Only where the writer task runs differs between the two faces:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -33,14 +35,17 @@ from ._errors import InvalidValueError, RunStateError, StepLogError, WriteError
 from ._layout import random_run_name
 from ._portal import ThreadHost, loop_scheduler
 from ._records import ArtifactRecord, RunInfo, RunStatus, Stats
+from ._tensors import DeviceValues
 from ._validation import check_artifact_path, check_experiment_name, check_key, check_tag_value
 from ._writer import Writer
 from .typing import RunRequest, Sink
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 __all__ = ["Run", "start_run"]
+
+T = TypeVar("T")
 
 Durability = Literal["os", "fsync"]
 _STATUS_NAMES = {s.name: s for s in RunStatus}
@@ -56,6 +61,10 @@ class Options:
     durability: Durability = "os"
     handle_signals: bool | None = None
     close_timeout: float = 30.0
+    start_timeout: float = 10.0
+    """Seconds to reach a tracking server when the run starts (then a StepLogError)."""
+    journal_dir: str | None = None
+    """Where a tracking server's outage journal goes (default STEPLOG_JOURNAL_DIR or ./steplog-journal)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.flush_interval, (int, float)) and self.flush_interval > 0):
@@ -111,8 +120,11 @@ class Run:
         self._request = request
         self._options = options
         self._tracking_uri = tracking_uri
-        self._buffer = Buffer(max_buffer=options.max_buffer, on_full=options.on_full)
+        # device tensors (CUDA, JAX) become floats in the writer, without stalling the device
+        self._tensors = DeviceValues(flush_interval=options.flush_interval)
+        self._buffer = Buffer(max_buffer=options.max_buffer, on_full=options.on_full, value_hook=self._tensors.convert)
         self._writer = Writer(self._buffer, sinks, flush_interval=options.flush_interval)
+        self._writer.deferred = self._tensors
         self._sinks = list(sinks)
         self._state: Literal["new", "running", "closing", "closed"] = "new"
         self._host: ThreadHost | None = None
@@ -242,6 +254,8 @@ class Run:
     @property
     def tracking_uri(self) -> str:
         """Where the run is written (the local store's ``file:`` URI or the server's URL)."""
+        if self._info is not None:  # as the destination resolved it: absolute, whatever the cwd
+            return self._info.tracking_uri
         return self._tracking_uri
 
     def stats(self) -> Stats:
@@ -294,7 +308,7 @@ class Run:
             await stack.aclose()
             raise
         self._stack = stack
-        self._task_group.start_soon(writer.run)
+        await self._task_group.start(writer.run)  # running before we return (see Writer.run)
         self._state = "running"
         _exit.register(self)
         return self
@@ -314,8 +328,12 @@ class Run:
             self._writer._raise_if_unwritten()
             return
         if self._host is not None:
+            host = self._host
             try:
-                self._host.call(self._writer.barrier, timeout=timeout)
+                if timeout is None:
+                    host.call(self._writer.barrier)
+                else:
+                    _bounded(lambda: host.call(self._writer.barrier, timeout=timeout), timeout + 1.0)
             except TimeoutError:
                 raise self._writer.timeout_error("flush()", timeout) from None
             return
@@ -394,23 +412,40 @@ class Run:
     def _close_threaded(self, status: RunStatus, timeout: float) -> None:
         host = self._host
         assert host is not None
+        stuck = False
         try:
-            host.call(self._finish, status, timeout, timeout=timeout + 5.0)
+            _bounded(lambda: host.call(self._finish, status, timeout, timeout=timeout + 5.0), timeout + 1.0)
         except TimeoutError:
+            stuck = True
             raise self._writer.timeout_error("close()", timeout) from None
         finally:
-            host.close(timeout=2.0)
+            try:
+                _bounded(lambda: host.close(timeout=2.0), 0.2 if stuck else 3.0)
+            except TimeoutError:
+                pass  # the loop is stuck in a sink: its daemon thread is abandoned, never joined
             self._end_state(status)
 
     async def _aclose_in_loop(self, status: RunStatus, timeout: float) -> None:
         stack = self._stack
-        assert stack is not None and self._task_group is not None
+        assert stack is not None
+        assert self._task_group is not None
+        finished = False
         try:
             await self._finish(status, timeout)
+            finished = True
+        except StepLogError:
+            finished = True  # the close ran and reports what it could not write
+            raise
         finally:
             self._task_group.cancel_scope.cancel()
-            await stack.aclose()
-            self._end_state(status)
+            try:
+                await stack.aclose()
+            finally:
+                if not finished:
+                    # cancelled or interrupted mid-close (e.g. trio delivering KeyboardInterrupt into
+                    # the writer task): write what is left and the end through the sync path, bounded
+                    self._writer.emergency_flush(status, _now_ms(), timeout=timeout)
+                self._end_state(status)
 
     async def _finish(self, status: RunStatus, timeout: float) -> None:
         """Drain, write, record the end: the common close path (runs in the writer's loop)."""
@@ -420,17 +455,24 @@ class Run:
         with anyio.move_on_after(timeout) as scope:
             await self._writer.stop()
         self._buffer.close(f"the run {self._info.run_id if self._info else ''} is closed: start a new run to log more")
-        if scope.cancelled_caught:
+        failing = self._writer._last_error if self._writer._pending else None
+        if scope.cancelled_caught and failing is None:
             error = self._writer.timeout_error("close()", timeout)
-        elif self._writer._pending:
+        elif failing is not None:
+            # still failing when close gave up: name the file and the OS error, not just the timeout
             error = WriteError(
-                f"steplog could not write {self._writer.unwritten_summary()}: {self._writer._last_error}"
+                f"steplog could not write {self._writer.unwritten_summary()}"
+                f"{f' (gave up after {timeout} s)' if scope.cancelled_caught else ''}: {failing}"
             )
+            error.__cause__ = failing
+            if isinstance(failing, OSError):
+                error.errno, error.filename = failing.errno, failing.filename
         with anyio.move_on_after(max(0.5, deadline - anyio.current_time())):
             try:
                 await self._writer.close_sinks(status, end_time)
             except WriteError as exc:
-                error = error or exc
+                # keep both: a sink's close may say where the unwritten data went (the REST journal)
+                error = exc if error is None else type(error)(f"{error}; {exc}")
         if self._info is not None:
             self._info = dataclasses.replace(self._info, end_time=end_time, status=status)
         if error is not None:
@@ -449,15 +491,28 @@ class Run:
         if self._host is not None or self._state == "new":
             try:
                 self.close(status, timeout=self._options.close_timeout)
-            except (StepLogError, OSError):
-                pass
+            except (StepLogError, OSError) as exc:  # nobody is left to catch it: say it on stderr
+                logging.getLogger("steplog").error("steplog: closing run %s at exit: %s", self._request.run_name, exc)
             return
         # async-hosted: the loop may be the very thread we are interrupting; write synchronously
         if not self._begin_close():
             return
         self._buffer.close("the run is closed: start a new run to log more")
-        self._writer.emergency_flush(status, _now_ms())
+        self._writer.emergency_flush(status, _now_ms(), timeout=self._options.close_timeout)
         self._end_state(status)
+
+    def _emergency_flush(self, timeout: float) -> None:
+        """Write pending data from a signal handler without closing the run: bounded, never raises.
+
+        Only for a run whose writer has its own thread; an async-hosted writer shares the
+        interrupted thread, and its run is closed by ``async with`` or at exit instead.
+        """
+        if self._host is None or self._state != "running" or os.getpid() != self._pid:
+            return
+        try:
+            self.flush(timeout)
+        except (StepLogError, OSError):
+            pass
 
     @property
     def closed(self) -> bool:
@@ -476,7 +531,7 @@ class Run:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        status = _exit_status(exc_type)
+        status = _exit_status(exc_type, exc)
         try:
             self.close(status)
         except StepLogError as error:
@@ -492,7 +547,7 @@ class Run:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        status = _exit_status(exc_type)
+        status = _exit_status(exc_type, exc)
         try:
             await self.aclose(status)
         except StepLogError as error:
@@ -503,6 +558,28 @@ class Run:
     def __repr__(self) -> str:
         ident = self._info.run_id if self._info else "not started"
         return f"<steplog.Run {ident} {self._state} at {self._tracking_uri}>"
+
+
+def _bounded(fn: Callable[[], T], timeout: float) -> T:
+    """Run ``fn()`` on a daemon thread and wait at most ``timeout`` seconds for it (TimeoutError after).
+
+    The blocking portal's calls wait for the writer's event loop to pick them up, so a
+    sink that blocks that loop (a sync call inside ``async def write``) would hang the
+    caller forever; a barrier with a timeout and ``close()`` must stay bounded anyway.
+    """
+    box: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def target() -> None:
+        try:
+            box.set_result(fn())
+        except BaseException as exc:  # handed to the caller, whatever it is
+            box.set_exception(exc)
+
+    threading.Thread(target=target, name="steplog-call", daemon=True).start()
+    try:
+        return box.result(timeout)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError from None
 
 
 def _status(status: str | RunStatus) -> RunStatus:
@@ -516,12 +593,19 @@ def _status(status: str | RunStatus) -> RunStatus:
         ) from None
 
 
-def _exit_status(exc_type: type[BaseException] | None) -> RunStatus:
+def _exit_status(exc_type: type[BaseException] | None, exc: BaseException | None = None) -> RunStatus:
+    """The status a run gets when its context exits with ``exc`` (None: a normal exit)."""
+    if _exit.signalled():
+        return RunStatus.KILLED  # a handled SIGTERM/SIGINT ended the run, however the code unwound
     if exc_type is None:
         return RunStatus.FINISHED
-    if issubclass(exc_type, KeyboardInterrupt):
-        return RunStatus.KILLED
-    return RunStatus.FAILED
+    if issubclass(exc_type, SystemExit):
+        code = getattr(exc, "code", None)
+        return RunStatus.FINISHED if code is None or code == 0 else RunStatus.FAILED
+    if issubclass(exc_type, Exception):
+        return RunStatus.FAILED
+    # KeyboardInterrupt, and cancellation (asyncio.CancelledError, trio.Cancelled): stopped from outside
+    return RunStatus.KILLED
 
 
 # ---------------------------------------------------------------------------- start_run
@@ -544,7 +628,13 @@ def make_sink(uri: str, options: Options) -> Sink:
             raise StepLogError(
                 f"tracking_uri {uri!r} needs the REST sink's dependencies: pip install 'steplog[rest]' ({exc})"
             ) from exc
-        return MlflowRestSink(uri)
+        sink: Sink = MlflowRestSink(
+            uri,
+            max_buffer=options.max_buffer,
+            journal_dir=options.journal_dir,
+            start_timeout=options.start_timeout,
+        )
+        return sink
     scheme, sep, _rest = uri.partition(":")
     if sep and scheme.lower() != "file" and len(scheme) > 1:
         raise InvalidValueError(
@@ -597,6 +687,8 @@ def start_run(
         uris = [resolve_tracking_uri(u) for u in tracking_uri]
     else:
         uris = [resolve_tracking_uri(tracking_uri)]  # type: ignore[arg-type]
+    # a server first: it assigns the run id, and the local store joins the run under that id
+    uris.sort(key=lambda u: not u.lower().startswith(("http://", "https://")))
     all_sinks: list[Sink] = [make_sink(uri, opts) for uri in uris] if sinks is None or tracking_uri else []
     all_sinks += list(sinks or ())
     from .sinks.mlruns import default_user

@@ -41,8 +41,10 @@ MAX_EXPERIMENT_NAME_LENGTH = 500
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
-# MLflow's character class for keys; the colon is refused on Windows.
-_KEY_RE = re.compile(r"^[/\w.\- ]*$" if sys.platform == "win32" else r"^[/\w.\- :]*$")
+# MLflow's character class for keys; the colon is refused on Windows. Matched with fullmatch:
+# MLflow's re.match(r"^...$") lets one trailing newline through (``$`` matches before it),
+# which would put a newline in a file name.
+_KEY_RE = re.compile(r"[/\w.\- ]*" if sys.platform == "win32" else r"[/\w.\- :]*")
 
 
 def check_key(key: object, kind: str = "metric") -> str:
@@ -56,8 +58,8 @@ def check_key(key: object, kind: str = "metric") -> str:
             f"{kind} key '{key[:40]}...' is not allowed: keys may be at most "
             f"{MAX_ENTITY_KEY_LENGTH} characters (got {len(key)})"
         )
-    if not _KEY_RE.match(key):
-        bad = sorted({c for c in key if not _KEY_RE.match(c)})
+    if not _KEY_RE.fullmatch(key):
+        bad = sorted({c for c in key if not _KEY_RE.fullmatch(c)})
         raise InvalidKeyError(
             f"{kind} key {key!r} is not allowed: keys may contain only letters, digits, '_', '-', '.', ' ', "
             f"':' and '/' (found {', '.join(repr(c) for c in bad)})"
@@ -139,6 +141,11 @@ def to_value(key: str, value: Any) -> float:
             raise _refuse(key, value, "the integer is too large to store as a float") from None
     if isinstance(value, numbers.Complex):
         raise _refuse(key, value, "metric values must be real numbers, not complex")
+    if isinstance(value, numbers.Number):  # Decimal: a Number, but registered as neither Real nor Complex
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. Decimal('sNaN')
+            raise _refuse(key, value, f"it cannot be converted to float ({exc})") from None
     return _array_like_to_float(key, value)
 
 
@@ -186,9 +193,10 @@ def to_step(step: Any) -> int:
                 )
             step = index()
         step = int(step)
-    if not INT64_MIN <= step <= INT64_MAX:
-        raise InvalidValueError(f"step {step} is not allowed: steps must fit in a signed 64-bit integer")
-    return step
+    result: int = step
+    if not INT64_MIN <= result <= INT64_MAX:
+        raise InvalidValueError(f"step {result} is not allowed: steps must fit in a signed 64-bit integer")
+    return result
 
 
 def to_timestamp(timestamp: Any) -> int:
@@ -200,11 +208,10 @@ def to_timestamp(timestamp: Any) -> int:
                 "(e.g. int(time.time() * 1000))"
             )
         timestamp = int(timestamp)
-    if not 0 <= timestamp <= INT64_MAX:
-        raise InvalidValueError(
-            f"timestamp {timestamp} is not allowed: timestamps must be >= 0 and fit in 64 bits"
-        )
-    return timestamp
+    result: int = timestamp
+    if not 0 <= result <= INT64_MAX:
+        raise InvalidValueError(f"timestamp {result} is not allowed: timestamps must be >= 0 and fit in 64 bits")
+    return result
 
 
 def check_artifact_path(path: object, what: str = "artifact path") -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from .typing import Batch, RunRequest, Sink
 
 if TYPE_CHECKING:
     from ._buffer import Buffer, Event
+    from ._tensors import DeviceValues
 
 __all__ = ["Writer"]
 
@@ -77,6 +79,8 @@ class Writer:
         self._last_error: BaseException | None = None
         self._unreported: BaseException | None = None
         self.info: RunInfo | None = None
+        self.deferred: DeviceValues | None = None
+        """Device tensors logged as values (set by the run); resolved only once a key got one."""
         buffer.pending_records = self._pending_count
 
     # ------------------------------------------------------------------ lifecycle
@@ -104,9 +108,14 @@ class Writer:
     def started(self) -> bool:
         return self._running
 
-    async def run(self) -> None:
-        """The writer task: loop until :meth:`stop` has been asked and everything is handled."""
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The writer task: loop until :meth:`stop` has been asked and everything is handled.
+
+        Start it with ``task_group.start`` so that it is running (and :meth:`stop` waits for it)
+        before the caller goes on: a body that never awaits may close the run at once.
+        """
         self._running = True
+        task_status.started()
         buffer = self._buffer
         last_write = -math.inf
         try:
@@ -155,6 +164,9 @@ class Writer:
             if self._pending:
                 return wrote
         metrics, events = self._buffer.drain()
+        deferred = self.deferred
+        if deferred is not None and deferred.keys:  # device values become floats before sinks see them
+            metrics = await deferred.resolve(metrics, wait=force)
         if metrics or events:
             work = self._make_work(metrics, events)
             self._pending.append(work)
@@ -223,7 +235,9 @@ class Writer:
 
     async def barrier(self) -> None:
         """Return once everything logged before the call is written; raise WriteError if it cannot be."""
-        if not self.alive:
+        if self._finished is None or self._finished.is_set():
+            # stopped: nothing more will be written (a writer started but not yet running still
+            # takes the barrier at its first cycle)
             self._raise_if_unwritten()
             return
         event = anyio.Event()
@@ -235,10 +249,13 @@ class Writer:
     def _raise_if_unwritten(self) -> None:
         if self._pending:
             exc = self._last_error
-            raise WriteError(
+            error = WriteError(
                 f"steplog could not write {self.unwritten_summary()}: {exc}"
                 " (kept in memory and retried; check the disk or the server)"
-            ) from exc
+            )
+            if isinstance(exc, OSError):  # keep errno and filename for code that inspects them
+                error.errno, error.filename = exc.errno, exc.filename
+            raise error from exc
 
     async def stop(self) -> None:
         """Write everything (retrying while the caller's deadline allows), then end the loop."""
@@ -259,11 +276,35 @@ class Writer:
         if first is not None:
             raise WriteError(f"steplog could not record the run's end: {first}") from first
 
-    def emergency_flush(self, status: RunStatus | None, end_time: int) -> None:
-        """Write what is queued through the sinks' sync path (no event loop can run here)."""
+    def emergency_flush(self, status: RunStatus | None, end_time: int, *, timeout: float | None = None) -> None:
+        """Write what is queued through the sinks' sync path (no event loop can run here).
+
+        Bounded by ``timeout``: the work runs on a daemon thread, so a sink stuck in
+        ``write_sync`` cannot hang a signal handler or the interpreter's exit; what is
+        still unwritten then is logged and kept in ``stats().last_error``.
+        """
+        if timeout is None:
+            self._emergency_flush(status, end_time)
+            return
+        thread = threading.Thread(
+            target=self._emergency_flush, args=(status, end_time), name="steplog-emergency", daemon=True
+        )
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            self._errors += 1
+            self._last_error = self._unreported = TimeoutError(f"the run's end timed out after {timeout} s")
+            log.error("steplog: giving up after %s s with %s not written", timeout, self.unwritten_summary())
+
+    def _emergency_flush(self, status: RunStatus | None, end_time: int) -> None:
         metrics, events = self._buffer.drain()
+        deferred = self.deferred
+        if deferred is not None and deferred.keys:
+            metrics = deferred.resolve_blocking(metrics)
         if metrics or events:
-            self._pending.append(self._make_work(metrics, events))
+            work = self._make_work(metrics, events)
+            self._pending.append(work)
+            self._pending_points += work.points
         for work in list(self._pending):
             for i, batch in enumerate(work.batches):
                 if batch is None:
@@ -273,8 +314,9 @@ class Writer:
                     work.batches[i] = None
                 except Exception as exc:  # best effort: report, keep going
                     self._record_error(exc)
-            if work.finished():
+            if work.finished() and work in self._pending:
                 self._pending.remove(work)
+                self._pending_points -= work.points
                 self._written += work.points
         if status is not None:
             for sink in self._sinks:
@@ -302,6 +344,9 @@ class Writer:
             params += len(batch.remaining().params)
         for key, n in self._buffer.queued_by_key().items():
             per_key[key] = per_key.get(key, 0) + n
+        if self.deferred is not None:
+            for key, n in self.deferred.held_by_key().items():
+                per_key[key] = per_key.get(key, 0) + n
         total = sum(per_key.values())
         shown = ", ".join(f"{k!r}: {n}" for k, n in sorted(per_key.items(), key=lambda kv: -kv[1])[:10])
         more = "" if len(per_key) <= 10 else f", and {len(per_key) - 10} more keys"
@@ -311,16 +356,20 @@ class Writer:
         return text
 
     def _pending_count(self) -> int:
+        if self.deferred is not None:
+            return self._pending_points + self.deferred.held_points
         return self._pending_points
 
     def stats(self) -> Stats:
         buffer = self._buffer
         queued = buffer.queued()
+        deferred = self.deferred
+        dropped = buffer.dropped + (deferred.dropped if deferred is not None else 0)
         return Stats(
-            logged=self._written + queued + buffer.dropped,
+            logged=self._written + queued + dropped,
             written=self._written,
             queued=queued,
-            dropped=buffer.dropped,
+            dropped=dropped,
             flushes=self._flushes,
             bytes_written=sum(getattr(sink, "bytes_written", 0) for sink in self._sinks),
             last_flush_latency=self._last_latency,
@@ -328,4 +377,5 @@ class Writer:
             retries=self._retries,
             errors=self._errors,
             last_error=None if self._last_error is None else str(self._last_error),
+            blocking_reads=deferred.blocking_reads if deferred is not None else 0,
         )

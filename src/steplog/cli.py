@@ -22,6 +22,8 @@ __all__ = ["main"]
 # One line per subcommand module; each module registers its own parser(s).
 _COMMAND_MODULES = (
     "steplog._demo",
+    "steplog._sync",
+    "steplog._commands",
 )
 
 

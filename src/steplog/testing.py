@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+
 from ._records import ArtifactRecord, MetricPoint, RunInfo, RunStatus
 from .typing import Batch, RunRequest
 

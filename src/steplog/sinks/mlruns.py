@@ -262,6 +262,26 @@ class MlrunsSink:
         return (_LINE * (len(keep) // 3)) % tuple(keep)
 
     def _write_metric(self, key: str, items: list[Any]) -> int | None:
+        recent = self._recent.get(key)
+        try:
+            return self._write_metric_once(key, items)
+        except BaseException:
+            # the writer retries these same items: forget that they were seen (or the retry would
+            # drop them as duplicates), and reopen the file next time (cutting any tail a failed
+            # cut-back left behind)
+            if recent is None:
+                self._recent.pop(key, None)
+            else:
+                self._recent[key] = recent
+            handle = self._files.pop(key, None)
+            if handle is not None:
+                try:
+                    os.close(handle.fd)
+                except OSError:
+                    pass
+            raise
+
+    def _write_metric_once(self, key: str, items: list[Any]) -> int | None:
         data = self._encode(key, items)
         if not data:
             return None
@@ -327,9 +347,8 @@ class MlrunsSink:
         path = self.run_dir / folder / key
         data = text.encode("utf-8")
         try:
-            if folder == "params" and path.exists():
-                if path.read_bytes() == data:
-                    return
+            if folder == "params" and path.exists() and path.read_bytes() == data:
+                return
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, data, fsync=self._fsync)
         except OSError as exc:

@@ -1,0 +1,245 @@
+"""Shared machinery of the benchmark scripts: modes, rounds, statistics, tables, JSON and charts.
+
+Every script measures its contenders side by side in one process, alternating them
+round by round (the order rotates each round, so a noisy neighbour hurts everyone
+alike), and reports medians with min-max. Ratios are computed from figures taken in
+the same run, never against numbers from another day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+MODES = ("smoke", "quick", "full")
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options every script takes: ``--quick``, ``--smoke``, ``--out DIR``, ``--no-chart``."""
+    parser = argparse.ArgumentParser(description=description)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="fewer rounds and smaller sizes")
+    group.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
+    parser.add_argument("--out", type=Path, default=None, help="where to write JSON and PNG (default: results/)")
+    parser.add_argument("--no-chart", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    args.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    if args.out is None:
+        args.out = default_out(args.mode)
+    return args
+
+
+def default_out(mode: str) -> Path:
+    """Full runs write to ``benchmarks/results``; quick and smoke runs to ``results/<mode>`` (not committed)."""
+    return RESULTS if mode == "full" else RESULTS / mode
+
+
+def pick(mode: str, smoke: Any, quick: Any, full: Any) -> Any:
+    """The value for this mode."""
+    return {"smoke": smoke, "quick": quick, "full": full}[mode]
+
+
+def summary(samples: Sequence[float]) -> dict[str, float]:
+    """Median, min, max and count of a list of samples."""
+    if not samples:
+        return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "n": len(samples),
+    }
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by nearest rank; NaN for no samples."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[rank]
+
+
+def rotate(items: Sequence[Any], round_index: int) -> list[Any]:
+    """``items`` rotated by the round number: each contender goes first in turn."""
+    k = round_index % max(1, len(items))
+    return list(items[k:]) + list(items[:k])
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = math.nan
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "load_1min_at_start": load,
+    }
+
+
+def versions(*modules: str) -> dict[str, str]:
+    """Installed versions of the named distributions (missing ones are left out)."""
+    from importlib import metadata
+
+    out: dict[str, str] = {}
+    for name in modules:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def fmt(value: float, unit: str = "") -> str:
+    """A number with 3 significant digits (and thousands grouping for big ones)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if abs(value) >= 1000:
+        text = f"{value:,.0f}"
+    elif abs(value) >= 100:
+        text = f"{value:.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.2f}"
+    return f"{text}{unit}"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (prints well in a terminal too)."""
+    body = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+        "| " + " | ".join("-" * w for w in widths) + " |",
+    ]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str,
+    result: dict[str, Any],
+    out: Path,
+    *,
+    chart: Callable[[Any], None] | None = None,
+) -> Path:
+    """Write ``<out>/<name>.json`` (and ``<name>.png`` when ``chart`` draws on the axes given)."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
+    result.setdefault("machine", machine())
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(_clean(result), indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    if chart is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("  (no chart: matplotlib is not installed; pip install 'steplog[bench]')", file=sys.stderr)
+        else:
+            fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+            chart(ax)
+            fig.savefig(out / f"{name}.png", dpi=110)
+            plt.close(fig)
+    return path
+
+
+def bar_chart(ax: Any, labels: Sequence[str], values: Sequence[float], *, title: str, xlabel: str, log: bool = True) -> None:
+    """Horizontal bars, steplog highlighted, log scale by default (the contenders span decades)."""
+    shown = [(lab, v) for lab, v in zip(labels, values, strict=True) if v is not None and not math.isnan(v) and v > 0]
+    if not shown:
+        return
+    names = [lab for lab, _v in shown]
+    vals = [v for _lab, v in shown]
+    colors = ["#d62728" if n.startswith("steplog") else "#7f7f7f" for n in names]
+    ax.barh(names, vals, color=colors)
+    ax.invert_yaxis()
+    if log:
+        ax.set_xscale("log")
+    for i, v in enumerate(vals):
+        ax.text(v, i, " " + fmt(v), va="center", fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities as null: strict JSON readers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value)
+
+
+def busy(n: int) -> float:
+    """Pure-Python work that holds the interpreter lock: ``n`` float additions."""
+    x = 0.0
+    for _ in range(n):
+        x += 1.0
+    return x
+
+
+def calibrate_busy(seconds: float) -> int:
+    """The ``n`` for which :func:`busy` takes about ``seconds`` here (median of a few tries)."""
+    n = 10_000
+    tries = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        busy(n)
+        tries.append(time.perf_counter() - t0)
+    per = statistics.median(tries) / n
+    return max(1, round(seconds / per))
+
+
+def target(figure: str, measured: float, goal: str, ok: bool, text: str) -> dict[str, Any]:
+    """One row of a script's "targets" list: what was measured, the goal, and whether it is met."""
+    return {"figure": figure, "measured": measured, "text": text, "target": goal, "ok": bool(ok)}
+
+
+def print_targets(targets: Sequence[dict[str, Any]]) -> None:
+    """Print the targets as a table with a ✓/✗ column."""
+    if not targets:
+        return
+    rows = [(t["figure"], t["text"], t["target"], "met" if t["ok"] else "MISSED") for t in targets]
+    print()
+    print(table(["target", "measured", "goal", ""], rows))
+
+
+def scaled(cost_us: float, budget_s: float, *, lo: int, hi: int) -> int:
+    """How many operations of ``cost_us`` fit in ``budget_s``, clamped to ``[lo, hi]``."""
+    return max(lo, min(hi, int(budget_s * 1e6 / max(cost_us, 1e-3))))

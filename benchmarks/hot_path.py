@@ -1,0 +1,219 @@
+"""Workload 1, the hot path: nanoseconds per ``log_metric`` call, side by side in one process.
+
+Every contender runs the same loop (20 keys per step, the step advancing after the 20th
+key), with one key per call and with a dict of the 20 keys per call, alternating round by
+round with a no-op function of the same signature. Figures are the median (min-max) over
+rounds of ns per call; p50/p99 come from calls timed one by one (the timer's own cost
+subtracted). steplog's writer runs all the while, as it does in training.
+
+    python benchmarks/hot_path.py [--quick | --smoke] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+import contenders as cs  # noqa: E402
+
+NAME = "hot_path"
+TITLE = "Hot path: ns per log call (20 keys per step)"
+KEYS = [f"m{i:02d}" for i in range(20)]
+
+
+class _Noop:
+    """The floor: a Python function call with the same arguments that does nothing."""
+
+    def log_metric(self, key: str, value: float, step: int) -> None:
+        pass
+
+    def log_metrics(self, metrics: Any, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _loop_single(f: Callable[..., Any], values: Sequence[float], step0: int, steps: int) -> float:
+    keys = KEYS
+    t0 = time.perf_counter()
+    for step in range(step0, step0 + steps):
+        for key, value in zip(keys, values):  # noqa: B905 - same length; strict= costs per step
+            f(key, value, step)
+    return time.perf_counter() - t0
+
+
+def _loop_dict(f: Callable[..., Any], metrics: dict[str, float], step0: int, steps: int) -> float:
+    t0 = time.perf_counter()
+    for step in range(step0, step0 + steps):
+        f(metrics, step)
+    return time.perf_counter() - t0
+
+
+def _timed_calls(f: Callable[..., Any], values: Sequence[float], step0: int, steps: int) -> list[int]:
+    pc = time.perf_counter_ns
+    out: list[int] = []
+    append = out.append
+    for step in range(step0, step0 + steps):
+        for key, value in zip(KEYS, values):  # noqa: B905
+            t0 = pc()
+            f(key, value, step)
+            append(pc() - t0)
+    return out
+
+
+def _timer_floor() -> float:
+    pc = time.perf_counter_ns
+    samples = []
+    for _ in range(20_000):
+        t0 = pc()
+        samples.append(pc() - t0)
+    return float(c.percentile(samples, 50))
+
+
+def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
+    """Measure, print the table, write JSON (and PNG); return the result."""
+    rounds = c.pick(mode, 1, 3, 7)
+    budget = c.pick(mode, 0.002, 0.06, 0.25)
+    usable, notes = cs.available(cs.ALL)
+    noop = cs.Contender("no-op", "a function call that does nothing", lambda root: _Noop(), cost=0.08)
+    order = [noop, *usable]
+    values = [0.1 + i / 7 for i in range(len(KEYS))]
+    metrics = dict(zip(KEYS, values, strict=True))
+    single: dict[str, list[float]] = {x.name: [] for x in order}
+    per_dict: dict[str, list[float]] = {x.name: [] for x in order}
+    timed: dict[str, list[int]] = {x.name: [] for x in order}
+    floor = _timer_floor()
+    with tempfile.TemporaryDirectory(prefix="steplog-bench-") as tmp:
+        loggers = {x.name: x.open(Path(tmp) / x.name.replace(" ", "_")) for x in order}
+        steps = dict.fromkeys(loggers, 1)
+        try:
+            for r in range(rounds):
+                for x in c.rotate(order, r):
+                    lg = loggers[x.name]
+                    n = c.scaled(x.cost * 20, budget, lo=1, hi=20_000)
+                    elapsed = _loop_single(lg.log_metric, values, steps[x.name], n)
+                    steps[x.name] += n
+                    single[x.name].append(elapsed / (n * 20) * 1e9)
+                    elapsed = _loop_dict(lg.log_metrics, metrics, steps[x.name], n)
+                    steps[x.name] += n
+                    per_dict[x.name].append(elapsed / n * 1e9)
+                    k = max(1, min(n, 500))
+                    timed[x.name] += _timed_calls(lg.log_metric, values, steps[x.name], k)
+                    steps[x.name] += k
+        finally:
+            close_s = {}
+            for name, lg in loggers.items():
+                t0 = time.perf_counter()
+                lg.close()
+                close_s[name] = time.perf_counter() - t0
+        stats = loggers["steplog"].stats() if "steplog" in loggers else None  # type: ignore[attr-defined]
+    rows = []
+    for x in order:
+        s, d = c.summary(single[x.name]), c.summary(per_dict[x.name])
+        calls = [max(0.0, t - floor) for t in timed[x.name]]
+        rows.append(
+            {
+                "name": x.name,
+                "description": x.description,
+                "single_ns": s,
+                "single_p50_ns": c.percentile(calls, 50),
+                "single_p99_ns": c.percentile(calls, 99),
+                "dict20_ns": d,
+                "dict20_ns_per_point": {k: v / 20 for k, v in d.items() if k != "n"},
+                "close_s": close_s[x.name],
+            }
+        )
+    by = {row["name"]: row for row in rows}
+    base = by["steplog"]["single_ns"]["median"] if "steplog" in by else float("nan")
+    base_d = by["steplog"]["dict20_ns"]["median"] if "steplog" in by else float("nan")
+    for row in rows:
+        row["x_steplog_single"] = row["single_ns"]["median"] / base
+        row["x_steplog_dict20"] = row["dict20_ns"]["median"] / base_d
+    targets = _targets(by)
+    result = {
+        "title": TITLE,
+        "mode": mode,
+        "rounds": rounds,
+        "timer_floor_ns": floor,
+        "rows": rows,
+        "targets": targets,
+        "notes": notes,
+        "steplog_stats": None if stats is None else {"logged": stats.logged, "written": stats.written},
+        "versions": c.versions("steplog", "mlflow", "tensorboardX", "wandb", "trackio"),
+    }
+    _print(result)
+    if out is not None:
+        c.write_results(NAME, result, out, chart=_chart(rows) if chart else None)
+    return result
+
+
+def _targets(by: dict[str, Any]) -> list[dict[str, Any]]:
+    if "steplog" not in by:
+        return []
+    ns = by["steplog"]["single_ns"]["median"]
+    noop = by["no-op"]["single_ns"]["median"]
+    out = [
+        c.target("hot path, one key per call", ns, "≤ 300 ns", ns <= 300, f"{ns:.0f} ns"),
+        c.target("hot path vs no-op loop", ns / noop, "≤ 4×", ns / noop <= 4, f"{ns / noop:.2f}× ({noop:.0f} ns no-op)"),
+    ]
+    for name, goal in (("naive sync", 25), ("tensorboardX", 200), ("mlflow sync", 1000)):
+        if name in by:
+            x = by[name]["x_steplog_single"]
+            out.append(c.target(f"faster than {name}", x, f"≥ {goal}×", x >= goal, f"{x:,.0f}×"))
+    return out
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"\n## {result['title']} ({result['mode']}, {result['rounds']} rounds, median (min-max))\n")
+    headers = ["contender", "ns/call, 1 key", "min-max", "p50", "p99", "× steplog", "ns/call, dict of 20", "ns/point", "× steplog"]
+    rows = []
+    for r in result["rows"]:
+        s, d = r["single_ns"], r["dict20_ns"]
+        rows.append(
+            [
+                r["name"],
+                c.fmt(s["median"]),
+                f"{c.fmt(s['min'])}-{c.fmt(s['max'])}",
+                c.fmt(r["single_p50_ns"]),
+                c.fmt(r["single_p99_ns"]),
+                c.fmt(r["x_steplog_single"], "×"),
+                c.fmt(d["median"]),
+                c.fmt(d["median"] / 20),
+                c.fmt(r["x_steplog_dict20"], "×"),
+            ]
+        )
+    print(c.table(headers, rows))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    c.print_targets(result["targets"])
+
+
+def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
+    def draw(ax: Any) -> None:
+        c.bar_chart(
+            ax,
+            [r["name"] for r in rows],
+            [r["single_ns"]["median"] for r in rows],
+            title=TITLE + " (log scale; lower is better)",
+            xlabel="ns per log_metric call (median)",
+        )
+
+    return draw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = c.parse_args(__doc__.splitlines()[0], argv)
+    run(args.mode, args.out, chart=not args.no_chart)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Reading a long metric history back: steplog's Store against MLflow's own reader.
+
+    MLFLOW_ALLOW_FILE_STORE=true .venv/bin/python benchmarks/reader.py [--points 1000000] [--repeat 5]
+
+Writes one run with steplog (one metric of ``--points`` points, a realistic float per
+step), then times, in this one process and interleaved round by round:
+
+* ``Store(...).metric_history(run_id, key)``, steplog's reader (the history as columns);
+* ``MlflowClient(...).get_metric_history(run_id, key)``, MLflow 3.17's file-store reader;
+* ``parse_metric_lines`` on the file's bytes, fast path, and the exact line-by-line
+  parser it falls back to (the same bytes with one ``-0`` value appended, which only the
+  exact parser reads), to show what the fast path is worth;
+* ``Store.get_run(run_id).latest[key]``, the latest point by MLflow's rule.
+
+It checks that both readers return the same points, then prints medians and ratios.
+Timings on a shared machine are noisy: compare the ratios, which are taken side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+import steplog
+from steplog._layout import parse_metric_lines
+
+
+def _write_run(root: Path, points: int) -> str:
+    with steplog.start_run("reader-bench", tracking_uri=root) as run:
+        for step in range(points):
+            run.log_metric("loss", 2.3 * math.exp(-step / points * 3) + 1e-3 * math.sin(step), step=step)
+    return run.run_id
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, default=1_000_000, help="points in the history (default 1M)")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds per reader (default 5; MLflow's gets 3 at most)")
+    args = parser.parse_args(argv)
+
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "mlruns"
+        t0 = time.perf_counter()
+        run_id = _write_run(root, args.points)
+        print(f"wrote {args.points:,} points with steplog in {time.perf_counter() - t0:.2f} s")
+        metric_file = next(root.glob(f"*/{run_id}/metrics/loss"))
+        data = metric_file.read_bytes()
+        slow_data = data + b"1700000000000 -0 0\n"  # one value only the exact parser reads: no fast path
+        print(f"metric file: {len(data) / 1e6:.1f} MB")
+
+        store = steplog.Store(root)
+        client = MlflowClient(tracking_uri=root.as_uri())
+
+        # Same points from both readers (MLflow's entity objects vs steplog's columns).
+        ours = store.metric_history(run_id, "loss")
+        theirs = client.get_metric_history(run_id, "loss")
+        assert len(ours) == len(theirs) == args.points, (len(ours), len(theirs))
+        for i in (0, 1, args.points // 2, args.points - 1):
+            m = theirs[i]
+            assert (ours[i].step, ours[i].value, ours[i].timestamp) == (m.step, m.value, m.timestamp), i
+        assert parse_metric_lines(slow_data)[:3] == tuple(
+            c + [x] for c, x in zip(parse_metric_lines(data)[:3], (0, -0.0, 1700000000000), strict=True)
+        )
+        del ours, theirs
+
+        timings: dict[str, list[float]] = {
+            "steplog Store.metric_history": [],
+            "MLflow get_metric_history": [],
+            "parse_metric_lines (fast path)": [],
+            "parse_metric_lines (exact path)": [],
+            "steplog latest (MLflow's rule)": [],
+        }
+        for round_ in range(args.repeat):
+            timings["steplog Store.metric_history"].append(_time(lambda: store.metric_history(run_id, "loss")))
+            if round_ < 3:
+                timings["MLflow get_metric_history"].append(_time(lambda: client.get_metric_history(run_id, "loss")))
+            timings["parse_metric_lines (fast path)"].append(_time(lambda: parse_metric_lines(data)))
+            timings["parse_metric_lines (exact path)"].append(_time(lambda: parse_metric_lines(slow_data)))
+            timings["steplog latest (MLflow's rule)"].append(_time(lambda: store.get_run(run_id).latest["loss"]))
+
+    medians = {name: statistics.median(ts) for name, ts in timings.items()}
+    ours = medians["steplog Store.metric_history"]
+    print(f"\n{'reader':34} {'median':>9}  {'per point':>10}  {'vs steplog':>10}   rounds")
+    for name, median in medians.items():
+        print(
+            f"{name:34} {median:8.3f}s  {median / args.points * 1e6:8.3f}µs  {median / ours:9.1f}x   {len(timings[name])}"
+        )
+    print(f"\nMLflow's reader takes {medians['MLflow get_metric_history'] / ours:.1f}x as long as steplog's.")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

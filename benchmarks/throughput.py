@@ -1,0 +1,146 @@
+"""Workload 3, throughput: points per second end to end (log everything, close, all written).
+
+Each round opens a fresh run per contender, logs 20 keys per step as fast as the loop
+goes, and closes it; the clock stops when ``close()`` returns, so whatever a logger
+deferred is paid for. steplog runs twice: one ``log_metric`` call per key and one
+``log_metrics`` dict per step.
+
+    python benchmarks/throughput.py [--quick | --smoke] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c  # noqa: E402
+import contenders as cs  # noqa: E402
+
+NAME = "throughput"
+TITLE = "Throughput: points per second, end to end (log + close)"
+KEYS = [f"m{i:02d}" for i in range(20)]
+
+
+def _one_round(x: cs.Contender, root: Path, steps: int, use_dict: bool) -> tuple[float, Any]:
+    values = [0.25 + i / 9 for i in range(len(KEYS))]
+    metrics = dict(zip(KEYS, values, strict=True))
+    logger = x.open(root)
+    t0 = time.perf_counter()
+    if use_dict:
+        log_metrics = logger.log_metrics
+        for step in range(steps):
+            log_metrics(metrics, step)
+    else:
+        log_metric = logger.log_metric
+        for step in range(steps):
+            for key, value in zip(KEYS, values):  # noqa: B905
+                log_metric(key, value, step)
+    logger.close()
+    elapsed = time.perf_counter() - t0
+    return elapsed, logger
+
+
+def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
+    """Measure, print the table, write JSON (and PNG); return the result."""
+    rounds = c.pick(mode, 1, 3, 5)
+    budget = c.pick(mode, 0.002, 0.15, 0.6)
+    usable, notes = cs.available(cs.ALL)
+    entries: list[tuple[str, cs.Contender, bool]] = []
+    for x in usable:
+        entries.append((x.name, x, False))
+        if x is cs.STEPLOG:
+            entries.append(("steplog (log_metrics dict)", x, True))
+    samples: dict[str, list[float]] = {name: [] for name, _x, _d in entries}
+    points: dict[str, int] = {}
+    checks: dict[str, bool] = {}
+    with tempfile.TemporaryDirectory(prefix="steplog-bench-") as tmp:
+        for r in range(rounds):
+            for i, (name, x, use_dict) in enumerate(c.rotate(entries, r)):
+                steps = max(1, c.scaled(x.cost * 20, budget, lo=1, hi=100_000))
+                if x is cs.STEPLOG:
+                    steps = c.pick(mode, 50, 10_000, 50_000)
+                elapsed, logger = _one_round(x, Path(tmp) / f"r{r}-{i}", steps, use_dict)
+                samples[name].append(steps * len(KEYS) / elapsed)
+                points[name] = steps * len(KEYS)
+                if x is cs.STEPLOG:
+                    stats = logger.stats()  # type: ignore[attr-defined]
+                    checks[name] = checks.get(name, True) and stats.written == steps * len(KEYS) == stats.logged
+    rows = [
+        {"name": name, "points_per_s": c.summary(samples[name]), "points_per_round": points[name]}
+        for name, _x, _d in entries
+    ]
+    by = {row["name"]: row for row in rows}
+    base = by["steplog"]["points_per_s"]["median"] if "steplog" in by else float("nan")
+    for row in rows:
+        row["x_slower_than_steplog"] = base / row["points_per_s"]["median"]
+    targets = []
+    if "steplog" in by:
+        best = max(by["steplog"]["points_per_s"]["median"], by["steplog (log_metrics dict)"]["points_per_s"]["median"])
+        single = by["steplog"]["points_per_s"]["median"]
+        targets.append(c.target("end-to-end throughput (log_metric per key)", single, "≥ 2 M points/s", single >= 2e6, f"{single / 1e6:.2f} M points/s"))
+        targets.append(c.target("end-to-end throughput (best API)", best, "≥ 2 M points/s", best >= 2e6, f"{best / 1e6:.2f} M points/s"))
+    result = {
+        "title": TITLE,
+        "mode": mode,
+        "rounds": rounds,
+        "rows": rows,
+        "all_written": checks,
+        "targets": targets,
+        "notes": notes,
+        "versions": c.versions("steplog", "mlflow", "tensorboardX", "wandb", "trackio"),
+    }
+    _print(result)
+    if out is not None:
+        c.write_results(NAME, result, out, chart=_chart(rows) if chart else None)
+    return result
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"\n## {result['title']} ({result['mode']}, {result['rounds']} rounds, median (min-max))\n")
+    rows = []
+    for r in result["rows"]:
+        s = r["points_per_s"]
+        rows.append(
+            [
+                r["name"],
+                c.fmt(s["median"]),
+                f"{c.fmt(s['min'])}-{c.fmt(s['max'])}",
+                c.fmt(r["x_slower_than_steplog"], "×"),
+                f"{r['points_per_round']:,}",
+            ]
+        )
+    print(c.table(["contender", "points/s", "min-max", "steplog is ×", "points per round"], rows))
+    for name, ok in result["all_written"].items():
+        print(f"check: {name}: every point written = {ok}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    c.print_targets(result["targets"])
+
+
+def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
+    def draw(ax: Any) -> None:
+        c.bar_chart(
+            ax,
+            [r["name"] for r in rows],
+            [r["points_per_s"]["median"] for r in rows],
+            title=TITLE + " (log scale; higher is better)",
+            xlabel="points per second (median)",
+        )
+
+    return draw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = c.parse_args(__doc__.splitlines()[0], argv)
+    run(args.mode, args.out, chart=not args.no_chart)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

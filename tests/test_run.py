@@ -1,0 +1,379 @@
+"""Run lifecycle (``_run.py``): one scenario table through the sync, async and no-context-manager faces.
+
+The final status is read back with MLflow 3.17's own client, as a user would see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import getpass
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import steplog
+from steplog import InvalidValueError, RunStateError, RunStatus
+from steplog.testing import MemorySink
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """How the code inside a run ends, and what the run's status must be afterwards."""
+
+    name: str
+    raises: type[BaseException] | None
+    status: str
+
+
+SCENARIOS = [
+    Scenario("normal exit", None, "FINISHED"),
+    Scenario("exception", ValueError, "FAILED"),
+    Scenario("KeyboardInterrupt", KeyboardInterrupt, "KILLED"),
+]
+
+
+def body(run: steplog.Run, scenario: Scenario) -> None:
+    """What every face does inside the run: log a little, then end as the scenario says."""
+    run.log_param("lr", 0.01)
+    run.set_tag("face", "any")
+    for step in range(50):
+        run.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 50}, step=step)
+    if scenario.raises is not None:
+        raise scenario.raises("boom")
+
+
+def ending(scenario: Scenario) -> contextlib.AbstractContextManager[object]:
+    """Expect the scenario's exception to come out of the run (the run never swallows it)."""
+    return pytest.raises(scenario.raises) if scenario.raises else contextlib.nullcontext()
+
+
+def check_store(store: Path, run_id: str, status: str) -> None:
+    """MLflow reads the run back with the status, an end time, and every point logged."""
+    client = MlflowClient(tracking_uri=store.as_uri())
+    run = client.get_run(run_id)
+    assert status == run.info.status
+    assert run.info.end_time is not None
+    assert run.info.end_time >= run.info.start_time
+    assert {"lr": "0.01"} == run.data.params
+    assert list(range(50)) == [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert 50 == len(client.get_metric_history(run_id, "acc"))
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_sync_with(scenario: Scenario, store: Path) -> None:
+    """``with start_run()``: FINISHED on normal exit, FAILED on an exception, KILLED on KeyboardInterrupt."""
+    with ending(scenario), steplog.start_run("lifecycle", tracking_uri=store) as run:
+        body(run, scenario)
+    assert run.closed
+    assert RunStatus[scenario.status] == run.info.status
+    check_store(store, run.run_id, scenario.status)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+async def test_async_with(scenario: Scenario, store: Path, anyio_backend: str) -> None:
+    """``async with start_run()`` on asyncio and trio: the same statuses, everything written, even when the
+    body never awaits (the writer must not be cancelled before it ran)."""
+    with ending(scenario):
+        async with steplog.start_run("lifecycle", tracking_uri=store) as run:
+            body(run, scenario)
+    assert run.closed
+    assert RunStatus[scenario.status] == run.info.status
+    check_store(store, run.run_id, scenario.status)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_without_context_manager_closed_explicitly(scenario: Scenario, store: Path) -> None:
+    """``run = start_run()`` outside a loop is already writing; ``close(status)`` records the status given."""
+    run = steplog.start_run("lifecycle", tracking_uri=store)
+    run.log_metric("early", 1.0)
+    run.flush()  # writing before any context manager: the writer is already running
+    assert [1.0] == [m.value for m in MlflowClient(tracking_uri=store.as_uri()).get_metric_history(run.run_id, "early")]
+    try:
+        body(run, scenario)
+    except BaseException:
+        run.close(scenario.status)
+    else:
+        run.close()
+    assert RunStatus[scenario.status] == run.info.status
+    check_store(store, run.run_id, scenario.status)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_without_context_manager_closed_at_exit(scenario: Scenario, tmp_path: Path) -> None:
+    """A run the user never closes is closed at interpreter exit: FINISHED, FAILED after an uncaught exception,
+    KILLED after an uncaught KeyboardInterrupt, with everything written."""
+    store = tmp_path / "mlruns"
+    script = textwrap.dedent(
+        f"""
+        import steplog
+        run = steplog.start_run("lifecycle", tracking_uri={str(store)!r})
+        print(run.run_id, flush=True)
+        run.log_param("lr", 0.01)
+        for step in range(50):
+            run.log_metrics({{"loss": 1.0 / (step + 1), "acc": step / 50}}, step=step)
+        if {scenario.raises.__name__ if scenario.raises else None}:
+            raise {scenario.raises.__name__ if scenario.raises else "SystemExit"}("boom")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False
+    )
+    assert (scenario.raises is None) == (0 == result.returncode), result.stderr
+    check_store(store, result.stdout.split()[0], scenario.status)
+
+
+# --------------------------------------------------------------------------- barriers and closing
+
+
+def test_close_is_idempotent(store: Path) -> None:
+    """close() twice, or close() after the with block, is a no-op; the first status stays."""
+    with steplog.start_run("idem", tracking_uri=store) as run:
+        run.log_metric("x", 1.0)
+    end_time = run.info.end_time
+    run.close()
+    run.close("FAILED")
+    assert RunStatus.FINISHED == run.info.status
+    assert end_time == run.info.end_time
+    assert "FINISHED" == MlflowClient(tracking_uri=store.as_uri()).get_run(run.run_id).info.status
+
+
+@pytest.mark.anyio
+async def test_aclose_is_idempotent(store: Path, anyio_backend: str) -> None:
+    """aclose() after ``async with`` and close() after aclose() are no-ops."""
+    async with steplog.start_run("idem", tracking_uri=store) as run:
+        run.log_metric("x", 1.0)
+    await run.aclose("KILLED")
+    run.close("FAILED")
+    assert RunStatus.FINISHED == run.info.status
+
+
+def test_flush_after_close_is_a_no_op(store: Path) -> None:
+    """A barrier on a closed run returns at once (everything was written by close)."""
+    with steplog.start_run("closed", tracking_uri=store) as run:
+        run.log_metric("x", 1.0)
+    run.flush()
+
+
+def test_a_closed_run_cannot_be_entered_again(store: Path) -> None:
+    """Entering a closed run raises RunStateError saying to start a new run."""
+    with steplog.start_run("again", tracking_uri=store) as run:
+        pass
+    with pytest.raises(RunStateError, match=r"closed.*start_run"), run:
+        pass
+
+
+@pytest.mark.anyio
+async def test_blocking_calls_inside_the_runs_own_loop_are_refused(store: Path, anyio_backend: str) -> None:
+    """flush() and close() from inside the event loop the writer runs in raise RunStateError naming the async call."""
+    async with steplog.start_run("loop", tracking_uri=store) as run:
+        run.log_metric("x", 1.0)
+        with pytest.raises(RunStateError, match=re.escape("await run.aflush()")):
+            run.flush()
+        with pytest.raises(RunStateError, match=re.escape("await run.aclose()")):
+            run.close()
+        run.log_metric("x", 2.0)  # the run is still open and writing
+        await run.aflush()
+    assert [1.0, 2.0] == steplog.Store(store).metric_history(run.run_id, "x").values
+
+
+@pytest.mark.anyio
+async def test_flush_from_another_thread_of_an_async_run(store: Path, anyio_backend: str) -> None:
+    """A worker thread may use the blocking flush() of an async-hosted run (it waits for the loop's writer)."""
+    import anyio.to_thread
+
+    async with steplog.start_run("thread", tracking_uri=store) as run:
+        run.log_metric("x", 1.0)
+        await anyio.to_thread.run_sync(run.flush)
+        assert [1.0] == steplog.Store(store).metric_history(run.run_id, "x").values
+
+
+@pytest.mark.anyio
+async def test_records_logged_before_astart_are_written(store: Path, anyio_backend: str) -> None:
+    """Inside a loop start_run() does not start the writer; records logged before it starts wait and are written."""
+    run = steplog.start_run("early", tracking_uri=store)
+    with pytest.raises(RunStateError, match="not started"):
+        _ = run.run_id
+    run.log_metric("x", 1.0, step=0)
+    run.log_param("p", "early")
+    with pytest.raises(RunStateError, match="not started"):
+        await run.aflush()
+    async with run:
+        run.log_metric("x", 2.0, step=1)
+    client = MlflowClient(tracking_uri=store.as_uri())
+    assert [(0, 1.0), (1, 2.0)] == [(m.step, m.value) for m in client.get_metric_history(run.run_id, "x")]
+    assert {"p": "early"} == client.get_run(run.run_id).data.params
+
+
+@pytest.mark.anyio
+async def test_astart_then_aclose_without_context_manager(store: Path, anyio_backend: str) -> None:
+    """``await run.astart()`` … ``await run.aclose()`` is the async no-context-manager face."""
+    run = await steplog.start_run("manual", tracking_uri=store).astart()
+    assert run is await run.astart()  # starting twice returns the same running run
+    run.log_metric("x", 1.0)
+    await run.aclose("KILLED")
+    assert "KILLED" == MlflowClient(tracking_uri=store.as_uri()).get_run(run.run_id).info.status
+
+
+def test_close_status_is_checked(store: Path) -> None:
+    """close() takes FINISHED, FAILED or KILLED (any case, or a RunStatus); anything else is refused."""
+    run = steplog.start_run("status", tracking_uri=store)
+    with pytest.raises(InvalidValueError, match="FINISHED, FAILED, KILLED"):
+        run.close("DONE")
+    run.close("failed")
+    assert RunStatus.FAILED == run.info.status
+
+
+# --------------------------------------------------------------------------- where runs go
+
+
+def run_location(run: steplog.Run) -> Path:
+    """The directory a finished local run was written to."""
+    return Path(run.info.artifact_uri.removeprefix("file://")).parent
+
+
+@pytest.mark.parametrize("form", ["str path", "Path", "file URI"])
+def test_tracking_uri_argument(form: str, tmp_path: Path) -> None:
+    """tracking_uri may be a directory (str or Path) or a file: URI."""
+    root = tmp_path / "here"
+    uri: Any = {"str path": str(root), "Path": root, "file URI": root.as_uri()}[form]
+    with steplog.start_run("where", tracking_uri=uri) as run:
+        pass
+    assert root / run.experiment_id / run.run_id == run_location(run)
+    assert root.as_uri() == run.info.tracking_uri
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"STEPLOG_TRACKING_URI": "steplog-env", "MLFLOW_TRACKING_URI": "mlflow-env"}, "steplog-env"),
+        ({"MLFLOW_TRACKING_URI": "mlflow-env"}, "mlflow-env"),
+        ({}, "mlruns"),
+    ],
+    ids=["STEPLOG_TRACKING_URI first", "then MLFLOW_TRACKING_URI", "then ./mlruns"],
+)
+def test_tracking_uri_resolution(
+    env: dict[str, str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an argument: STEPLOG_TRACKING_URI, then MLFLOW_TRACKING_URI, then ./mlruns (relative to the cwd)."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with steplog.start_run("where") as run:
+        pass
+    assert tmp_path / expected / run.experiment_id / run.run_id == run_location(run)
+    assert [expected] == [p.name for p in tmp_path.iterdir()]
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "postgresql://u@h/db", "s3://bucket/mlruns", "mysql://h/db"])
+def test_unsupported_tracking_uris_are_refused_at_start(
+    uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database or other non-file, non-http URI is refused at start with a message saying what is supported."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidValueError, match="is not supported: use a directory path, a file: URI, or http"):
+        steplog.start_run("nope", tracking_uri=uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(InvalidValueError, match=re.escape(repr(uri))):
+        steplog.start_run("nope")
+    assert [] == list(tmp_path.iterdir())
+
+
+def test_unknown_and_bad_options_are_refused() -> None:
+    """start_run() refuses unknown options (TypeError) and bad option values (InvalidValueError) at once."""
+    with pytest.raises(TypeError, match="flush_intervall"):
+        steplog.start_run("opts", sinks=[MemorySink()], flush_intervall=1.0)
+    for options in [{"flush_interval": 0}, {"max_buffer": -1}, {"on_full": "wait"}, {"durability": "disk"}]:
+        with pytest.raises(InvalidValueError):
+            steplog.start_run("opts", sinks=[MemorySink()], **options)
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def test_run_info_is_a_frozen_snapshot(store: Path) -> None:
+    """run.info is a frozen dataclass; it reports the run's ids, name, times and final status."""
+    with steplog.start_run("info", run_name="named", tracking_uri=store) as run:
+        info = run.info
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            info.status = RunStatus.FAILED  # type: ignore[misc]
+        assert (RunStatus.RUNNING, None) == (info.status, info.end_time)
+    final = run.info
+    assert (run.run_id, run.experiment_id, "info", "named") == (
+        final.run_id,
+        final.experiment_id,
+        final.experiment_name,
+        final.run_name,
+    )
+    assert RunStatus.FINISHED == final.status
+    assert final.end_time is not None
+    assert final.start_time <= final.end_time
+    assert re.fullmatch(r"[0-9a-f]{32}", run.run_id)
+    assert re.fullmatch(r"[1-9][0-9]{17}", run.experiment_id)
+    assert store.as_uri() == run.tracking_uri
+
+
+def test_run_name_is_in_meta_and_in_the_run_name_tag(store: Path) -> None:
+    """The run name is written to meta.yaml and to the mlflow.runName tag; MLflow reads it back."""
+    with steplog.start_run("names", run_name="baseline 1", tracking_uri=store) as run:
+        pass
+    meta = (store / run.experiment_id / run.run_id / "meta.yaml").read_text(encoding="utf-8")
+    assert 'run_name: "baseline 1"\n' in meta
+    mlflow_run = MlflowClient(tracking_uri=store.as_uri()).get_run(run.run_id)
+    assert "baseline 1" == mlflow_run.info.run_name
+    assert "baseline 1" == mlflow_run.data.tags["mlflow.runName"]
+
+
+def test_a_run_name_is_generated_when_none_is_given(store: Path) -> None:
+    """Without run_name, a name in MLflow's adjective-noun-number style is generated and stored in both places."""
+    with steplog.start_run("names", tracking_uri=store) as run:
+        pass
+    assert re.fullmatch(r"[a-z]+-[a-z]+-\d{1,3}", run.info.run_name)
+    mlflow_run = MlflowClient(tracking_uri=store.as_uri()).get_run(run.run_id)
+    assert run.info.run_name == mlflow_run.info.run_name == mlflow_run.data.tags["mlflow.runName"]
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 251, 3])
+def test_bad_run_names_are_refused(bad: object) -> None:
+    """A run name must be a non-empty str of at most 250 characters (MLflow's SQL column limit)."""
+    with pytest.raises(InvalidValueError, match="run_name"):
+        steplog.start_run("names", run_name=bad, sinks=[MemorySink()])  # type: ignore[arg-type]
+
+
+def test_system_and_user_tags(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's system tags (user, source name and type) are set, with the tags given to start_run()."""
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    with steplog.start_run("tags", tracking_uri=store, tags={"team": "vision", "n": 3}) as run:
+        pass
+    mlflow_run = MlflowClient(tracking_uri=store.as_uri()).get_run(run.run_id)
+    tags = mlflow_run.data.tags
+    expected_source = os.path.abspath(sys.argv[0]) if os.path.exists(sys.argv[0]) else sys.argv[0]
+    assert getpass.getuser() == tags["mlflow.user"] == mlflow_run.info.user_id
+    assert expected_source == tags["mlflow.source.name"]
+    assert "LOCAL" == tags["mlflow.source.type"]
+    assert ("vision", "3") == (tags["team"], tags["n"])
+
+
+def test_start_run_tags_are_validated() -> None:
+    """Tags given to start_run() follow the key rules, refused before anything is created."""
+    with pytest.raises(steplog.InvalidKeyError, match=re.escape("tag key '../t'")):
+        steplog.start_run("tags", tags={"../t": 1}, sinks=[MemorySink()])
+
+
+def test_repr_names_the_run_and_its_state(store: Path) -> None:
+    """repr(run) shows the run id, its state and where it writes."""
+    run = steplog.start_run("repr", tracking_uri=store)
+    text = repr(run)
+    run.close()
+    assert run.run_id in text
+    assert "running" in text
+    assert "closed" in repr(run)

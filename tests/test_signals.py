@@ -1,0 +1,117 @@
+"""SIGTERM, SIGINT, KeyboardInterrupt and exceptions: pending data written, the right status, the same exit.
+
+Each scenario runs ``tests/_children/signals.py`` twice, with and without steplog, and sends the
+same signal once the child says ``ready``: the exit status must be the same, and the steplog run
+must hold every point logged before the signal, with its final status and an end time, as MLflow
+reads it. The child uses ``flush_interval=60``, so nothing reaches the disk between the writer's
+first write and the signal unless the signal handling writes it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHILD = Path(__file__).parent / "_children" / "signals.py"
+STEPS = 50  # what the child logs before it says ready
+
+pytestmark = pytest.mark.slow
+
+
+def run_child(
+    store: Path, hosting: str, handler: str, signum: int | None, *, steplog: bool = True, send_go: bool = False
+) -> tuple[int, str]:
+    """Run the child, signal it once ready (then optionally tell it to go on); return (exit status, stderr)."""
+    args = [sys.executable, str(CHILD), str(store), hosting, handler]
+    if not steplog:
+        args.append("--no-steplog")
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        if line.startswith("ready") and signum is not None:
+            proc.send_signal(signum)
+        if send_go:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def read_run(store: Path) -> tuple[Any, list[int], list[int]]:
+    """The one run in the store as MLflow reads it: (run, steps of 'loss', steps of 'acc/top1')."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.as_uri())
+    experiment = client.get_experiment_by_name("signals")
+    (run,) = client.search_runs([experiment.experiment_id])
+    loss = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    acc = [m.step for m in client.get_metric_history(run.info.run_id, "acc/top1")]
+    return run, loss, acc
+
+
+T, I = signal.SIGTERM, signal.SIGINT
+
+# (hosting, user handler, signal, expected status, steps expected on disk, tell the child to go on)
+SCENARIOS = [
+    pytest.param("with", "default", T, "KILLED", STEPS, False, id="with-sigterm"),
+    pytest.param("with", "default", I, "KILLED", STEPS, False, id="with-sigint"),
+    pytest.param("bare", "default", T, "KILLED", STEPS, False, id="bare-sigterm"),
+    pytest.param("bare", "default", I, "KILLED", STEPS, False, id="bare-sigint"),
+    pytest.param("asyncio", "default", T, "KILLED", STEPS, False, id="asyncio-sigterm"),
+    pytest.param("asyncio", "default", I, "KILLED", STEPS, False, id="asyncio-sigint"),
+    pytest.param("trio", "default", T, "KILLED", STEPS, False, id="trio-sigterm"),
+    pytest.param("trio", "default", I, "KILLED", STEPS, False, id="trio-sigint"),
+    pytest.param("with", "exit42", T, "KILLED", STEPS, False, id="with-user-handler-exits"),
+    pytest.param("bare", "exit42", T, "KILLED", STEPS, False, id="bare-user-handler-exits"),
+    pytest.param("asyncio", "exit42", T, "KILLED", STEPS, False, id="asyncio-user-handler-exits"),
+    pytest.param("with", "flag", T, "KILLED", STEPS + 1, False, id="with-user-handler-graceful"),
+    pytest.param("bare", "flag", T, "KILLED", STEPS + 1, False, id="bare-user-handler-graceful"),
+    pytest.param("with", "ignore", T, "FINISHED", STEPS + 1, True, id="with-sigterm-ignored"),
+    pytest.param("bare", "ignore", I, "FINISHED", STEPS + 1, True, id="bare-sigint-ignored"),
+    pytest.param("asyncio", "ignore", T, "FINISHED", STEPS + 1, True, id="asyncio-sigterm-ignored"),
+]
+
+
+@pytest.mark.parametrize(("hosting", "handler", "signum", "status", "steps", "send_go"), SCENARIOS)
+def test_signal_writes_pending_data_and_exits_as_without_steplog(
+    tmp_path: Path, hosting: str, handler: str, signum: int, status: str, steps: int, send_go: bool
+) -> None:
+    """A signal leaves every logged point on disk, the right status with an end time, and the same exit status."""
+    expected_rc, _ = run_child(tmp_path / "plain", hosting, handler, signum, steplog=False, send_go=send_go)
+    store = tmp_path / "mlruns"
+    rc, err = run_child(store, hosting, handler, signum, send_go=send_go)
+    assert expected_rc == rc, err
+    run, loss, acc = read_run(store)
+    assert status == run.info.status
+    assert run.info.end_time is not None
+    assert list(range(steps)) == loss
+    assert list(range(steps)) == acc
+
+
+@pytest.mark.parametrize(
+    ("hosting", "status", "expected_rc"),
+    [
+        pytest.param("interrupt", "KILLED", -signal.SIGINT, id="keyboardinterrupt"),
+        pytest.param("error", "FAILED", 1, id="exception"),
+    ],
+)
+def test_exception_in_with_flushes_and_sets_status(tmp_path: Path, hosting: str, status: str, expected_rc: int) -> None:
+    """KeyboardInterrupt inside ``with`` ends the run KILLED, any other exception FAILED, both with data written."""
+    store = tmp_path / "mlruns"
+    rc, err = run_child(store, hosting, "default", None)
+    assert expected_rc == rc, err
+    run, loss, acc = read_run(store)
+    assert status == run.info.status
+    assert run.info.end_time is not None
+    assert list(range(STEPS)) == loss
+    assert list(range(STEPS)) == acc
