@@ -271,6 +271,24 @@ def test_identical_points_are_written_once_to_the_store(tmp_path: Path) -> None:
     assert 0 == bad
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(-0.0, 0.0), (0.0, -0.0), (float("inf"), 1.7976931348623157e308), (-1.7976931348623157e308, float("-inf"))],
+    ids=["-0.0 then 0.0", "0.0 then -0.0", "inf then max", "-max then -inf"],
+)
+def test_points_sql_cannot_tell_apart_are_written_once(first: float, second: float, tmp_path: Path) -> None:
+    """Values MLflow's SQL store merges (-0.0 and 0.0; ±inf and ±max) at one step and timestamp are written once,
+    so migrate-filestore's UNIQUE constraint accepts the store; the first spelling is kept."""
+    with steplog.start_run("sql-same", tracking_uri=tmp_path / "mlruns") as run:
+        run.log_metric("x", first, step=1, timestamp=1_700_000_000_000)
+        run.log_metric("x", second, step=1, timestamp=1_700_000_000_000)
+        run.log_metric("x", second, step=2, timestamp=1_700_000_000_000)  # another step: kept
+    data = (tmp_path / "mlruns" / run.experiment_id / run.run_id / "metrics" / "x").read_bytes()
+    steps, values, _stamps, _bad = parse_metric_lines(data)
+    assert [1, 2] == steps
+    assert [repr(first), repr(second)] == [repr(v) for v in values]
+
+
 # --------------------------------------------------------------------------- stats and state
 
 

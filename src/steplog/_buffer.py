@@ -138,6 +138,7 @@ class Buffer:
         self._on_full: OnFull = on_full
         self._open_cap = 3 * max_buffer
         self._cap = self._open_cap
+        self._pending_seen = 0
         self._value_hook = value_hook
         self._dropped = 0
         self._warned_drop = False
@@ -175,7 +176,9 @@ class Buffer:
                 if step != self._step:
                     # a step boundary, inlined: one key per step makes every call one
                     self._step = step
-                    self._ts = _time_ns() // 1_000_000
+                    ts = _time_ns() // 1_000_000
+                    if ts != self._ts:  # keep the old int object: the records share it (32 bytes each)
+                        self._ts = ts
                     if self.asleep:
                         self.asleep = False
                         self.wake()
@@ -198,7 +201,9 @@ class Buffer:
                         return self._log_metrics_slow(metrics, step, timestamp)
                 if step != self._step:  # a step boundary (the usual case: one call per step)
                     self._step = step
-                    self._ts = _time_ns() // 1_000_000
+                    ts = _time_ns() // 1_000_000
+                    if ts != self._ts:
+                        self._ts = ts
                     if self.asleep:
                         self.asleep = False
                         self.wake()
@@ -238,7 +243,7 @@ class Buffer:
                 col = []
                 self._cols[key] = col
                 self._known.add(key)
-                self._cap = self._open_cap  # a new key never changes the cap; kept for clarity
+                self.set_pending(self._pending_seen)  # one more key: a smaller share each
         return col
 
     def _prepare(self, key: Any, value: Any) -> tuple[list[Any], Any]:
@@ -282,7 +287,9 @@ class Buffer:
 
     def _boundary(self, step: int) -> None:
         self._step = step
-        self._ts = _now_ms()
+        ts = _now_ms()
+        if ts != self._ts:
+            self._ts = ts
         if self.asleep:
             self.asleep = False
             self.wake()
@@ -415,6 +422,19 @@ class Buffer:
     @property
     def current_step(self) -> int:
         return self._step
+
+    def set_pending(self, pending: int) -> None:
+        """Size the hot path's room from the records the writer holds (called when that number changes).
+
+        Each key's column may grow, without leaving the fast path, to an equal share of
+        what ``max_buffer`` leaves beside the writer's records; past it a call takes the
+        slow path, where ``on_full`` applies once the whole run holds ``max_buffer``. So
+        memory stays bounded by ``max_buffer`` however many keys there are.
+        """
+        self._pending_seen = pending
+        self._cap = 3 * max(0, (self._max_buffer - pending) // max(1, len(self._cols)))
+        if self._closed_reason is not None or self._forked:
+            self._cap = -1  # close() or a fork won a race with this update: keep refusing
 
     def close(self, reason: str) -> None:
         """Refuse further calls with a RunStateError carrying ``reason``."""

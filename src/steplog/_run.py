@@ -414,7 +414,7 @@ class Run:
         assert host is not None
         stuck = False
         try:
-            _bounded(lambda: host.call(self._finish, status, timeout, timeout=timeout + 5.0), timeout + 1.0)
+            _bounded(lambda: host.call(self._finish, status, timeout, timeout=timeout + 5.0), timeout + 5.5)
         except TimeoutError:
             stuck = True
             raise self._writer.timeout_error("close()", timeout) from None

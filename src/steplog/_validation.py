@@ -7,6 +7,7 @@ key and the rule that was broken, so the user knows what to change.
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import os
@@ -141,7 +142,7 @@ def to_value(key: str, value: Any) -> float:
             raise _refuse(key, value, "the integer is too large to store as a float") from None
     if isinstance(value, numbers.Complex):
         raise _refuse(key, value, "metric values must be real numbers, not complex")
-    if isinstance(value, numbers.Number):  # Decimal: a Number, but registered as neither Real nor Complex
+    if isinstance(value, decimal.Decimal):  # a Number, but registered as neither Real nor Complex
         try:
             return float(value)
         except (TypeError, ValueError, OverflowError) as exc:  # e.g. Decimal('sNaN')

@@ -171,6 +171,7 @@ class Writer:
             work = self._make_work(metrics, events)
             self._pending.append(work)
             self._pending_points += work.points
+            self._buffer.set_pending(self._pending_count())  # the buffer's room shrinks by what we hold
             wrote = await self._retry() or wrote
         self._buffer.notify_drained()
         return wrote
@@ -211,6 +212,7 @@ class Writer:
             if work.finished():
                 self._pending.remove(work)
                 self._pending_points -= work.points
+                self._buffer.set_pending(self._pending_count())
                 self._written += work.points
                 self._flushes += 1
                 wrote = True

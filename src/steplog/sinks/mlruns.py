@@ -52,6 +52,11 @@ __all__ = ["MlrunsSink", "default_user", "source_name"]
 
 _LINE = b"%d %b %d\n"
 
+# Values MLflow's SQL store cannot tell apart (MLFLOW_FORMAT.md §4: -0.0 becomes 0.0, ±inf is clamped
+# to ±max float): two such points at one (key, step, timestamp) break migrate-filestore's UNIQUE
+# constraint just like identical ones, so they count as identical here.
+_SQL_SAME = {b"-0.0": b"0.0", b"inf": b"1.7976931348623157e+308", b"-inf": b"-1.7976931348623157e+308"}
+
 
 def default_user() -> str:
     """The user MLflow records: ``MLFLOW_TRACKING_USERNAME`` or the OS user."""
@@ -242,7 +247,7 @@ class MlrunsSink:
         n = len(steps)
         recent = self._recent.get(key)
         if len(set(steps)) == n and (recent is None or recent[0] != (steps[0], stamps[0])):
-            self._recent[key] = ((steps[-1], stamps[-1]), {texts[-1]})
+            self._recent[key] = ((steps[-1], stamps[-1]), {_SQL_SAME.get(texts[-1], texts[-1])})
             args = items.copy()
             args[1::3] = texts
             return (_LINE * n) % tuple(args)
@@ -251,12 +256,13 @@ class MlrunsSink:
         keep: list[Any] = []
         for ts, text, step in zip(stamps, texts, steps, strict=True):
             stamp = (step, ts)
+            ident = _SQL_SAME.get(text, text)
             if stamp != current:
                 current, seen = stamp, set()
-            elif text in seen:
+            elif ident in seen:
                 self.duplicates_skipped += 1
                 continue
-            seen.add(text)
+            seen.add(ident)
             keep += (ts, text, step)
         self._recent[key] = (current, seen)
         return (_LINE * (len(keep) // 3)) % tuple(keep)
