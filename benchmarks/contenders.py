@@ -273,6 +273,15 @@ PEERS = (NAIVE, BUFFERED, MLFLOW_SYNC, MLFLOW_ASYNC, MLFLOW_ASYNC_BUFFERED, TENS
 ALL = (STEPLOG, *PEERS)
 
 
+def shutdown() -> None:
+    """Stop what the peers leave running in this process (W&B's service), so nothing outlives the benchmark."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        wandb.teardown()
+
+
 def available(contenders: tuple[Contender, ...] = ALL) -> tuple[list[Contender], list[str]]:
     """The contenders that can run here, and a note for each one skipped."""
     usable: list[Contender] = []

@@ -85,8 +85,8 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
     """Measure, print the table, write JSON (and PNG); return the result."""
     import anyio
 
-    rounds = c.pick(mode, 1, 2, 3)
-    seconds = c.pick(mode, 0.05, 0.75, 2.0)
+    rounds = c.pick(mode, 1, 1, 3)
+    seconds = c.pick(mode, 0.05, 0.5, 2.0)
     usable, notes = cs.available((cs.NAIVE, cs.MLFLOW_ASYNC))
     names = ["no-op", "steplog", *(x.name for x in usable)]
     backends = ["asyncio"]
@@ -179,7 +179,10 @@ def _chart(rows: list[dict[str, Any]], backends: list[str]) -> Callable[[Any], N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = c.parse_args(__doc__.splitlines()[0], argv)
-    run(args.mode, args.out, chart=not args.no_chart)
+    try:
+        run(args.mode, args.out, chart=not args.no_chart)
+    finally:
+        cs.shutdown()
     return 0
 
 

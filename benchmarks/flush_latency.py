@@ -102,7 +102,7 @@ def _one(x: cs.Contender, root: Path, steps: int, work: Callable[[], object]) ->
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
     rounds = c.pick(mode, 1, 1, 3)
-    seconds = c.pick(mode, 0.1, 1.0, 2.0)
+    seconds = c.pick(mode, 0.1, 0.5, 2.0)
     n_busy = c.calibrate_busy(0.001)
     regimes: dict[str, tuple[Callable[[], object], int]] = {
         "fast steps (~1 ms Python each)": (lambda: c.busy(n_busy), max(3, int(seconds / 0.0012))),
@@ -198,7 +198,10 @@ def _chart(rows: list[dict[str, Any]], regimes: list[str]) -> Callable[[Any], No
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = c.parse_args(__doc__.splitlines()[0], argv)
-    run(args.mode, args.out, chart=not args.no_chart)
+    try:
+        run(args.mode, args.out, chart=not args.no_chart)
+    finally:
+        cs.shutdown()
     return 0
 
 

@@ -260,7 +260,7 @@ class SteplogForced(Steplog):
 # ---------------------------------------------------------------------------- measuring
 
 
-def check_exact(device: str) -> str:
+def check_exact(device: str, forced: bool = False) -> str:
     """Log 20 tensors of several dtypes through steplog on ``device``; compare with float(t.item())."""
     if STEPLOG is None:
         return f"not checked: {STEPLOG_MISSING}"
@@ -272,6 +272,10 @@ def check_exact(device: str) -> str:
     tensors += [torch.tensor(0.1, dtype=torch.bfloat16, device=device), torch.tensor(float("inf"), device=device)]
     sink = MemorySink()
     with STEPLOG.start_run("check", sinks=[sink], handle_signals=False) as run:
+        if forced:
+            from steplog._tensors import defer_cpu_tensors
+
+            defer_cpu_tensors(run._tensors)
         for step in range(3):
             run.log_metrics({f"v{i}": t for i, t in enumerate(tensors)}, step=step)
         deferred = bool(run._tensors.keys)
@@ -281,18 +285,23 @@ def check_exact(device: str) -> str:
     return f"bit-exact ({how}, {len(got)} values)" if got == want else f"MISMATCH ({how}): values differ"
 
 
-def measure(model: Model, logger: Logger, steps: int, warmup: int, sync: Callable[[], None]) -> float:
-    """Seconds per step with this logger (its flush at the end included)."""
+def measure(model: Model, logger: Logger, steps: int, warmup: int, sync: Callable[[], None]) -> tuple[float, float]:
+    """Seconds per step with this logger (its flush at the end included), and seconds per step in its calls."""
     for step in range(warmup):
         logger.log(step, model.step())
     logger.finish()
     sync()
-    t0 = time.perf_counter()
+    clock = time.perf_counter
+    in_calls = 0.0
+    t0 = clock()
     for step in range(warmup, warmup + steps):
-        logger.log(step, model.step())
+        ms = model.step()
+        c0 = clock()
+        logger.log(step, ms)
+        in_calls += clock() - c0
     logger.finish()
     sync()
-    return (time.perf_counter() - t0) / steps
+    return (clock() - t0) / steps, in_calls / steps
 
 
 def run_regime(
@@ -302,13 +311,16 @@ def run_regime(
     model = Model(width, depth, batch, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     samples: dict[str, list[float]] = {row.name: [] for row in rows}
+    call_samples: dict[str, list[float]] = {row.name: [] for row in rows}
     extra: dict[str, Any] = {}
     for r in range(args.rounds):
         order = rows[r % len(rows) :] + rows[: r % len(rows)]
         for row in order:
             logger = row(model.keys, device)
             try:
-                samples[row.name].append(measure(model, logger, args.steps, args.warmup, sync))
+                per_step, in_calls = measure(model, logger, args.steps, args.warmup, sync)
+                samples[row.name].append(per_step)
+                call_samples[row.name].append(in_calls)
             finally:
                 logger.close()
             if isinstance(logger, Steplog):
@@ -322,6 +334,7 @@ def run_regime(
             "min_ms": min(values) * 1e3,
             "max_ms": max(values) * 1e3,
             "overhead_pct": (med / base - 1) * 100,
+            "us_in_calls_per_step": statistics.median(call_samples[name]) * 1e6,
         }
     return result
 
@@ -344,11 +357,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.gpu_bound is None:
-        args.gpu_bound = (2048, 10, 1024) if cuda else (512, 10, 512)
+        args.gpu_bound = (2048, 10, 1024) if cuda else (256, 10, 256)
     if args.launch_bound is None:
-        args.launch_bound = (64, 10, 64)
+        args.launch_bound = (64, 10, 64) if cuda else (16, 10, 8)
     if args.steps is None:
-        args.steps = 200 if cuda else 50
+        args.steps = 200 if cuda else 100
+    if not cuda:
+        torch.set_num_threads(1)  # on a shared CPU, intra-op threads only add noise
     torch.manual_seed(0)
 
     rows: list[type[Logger]] = [NoLogging, ItemPerMetric, StackToList]
@@ -366,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     name = torch.cuda.get_device_name(args.device) if cuda else platform.processor() or platform.machine()
     print(f"device: {args.device} ({name}); torch {torch.__version__}; python {platform.python_version()}")
     print(f"steplog values vs float(t.item()): {check_exact(args.device)}")
+    if not cuda:
+        print(f"steplog values vs float(t.item()), forced deferral: {check_exact(args.device, forced=True)}")
     if STEPLOG is None:
         print(f"steplog rows skipped: {STEPLOG_MISSING}")
     results = [
@@ -380,9 +397,12 @@ def main(argv: list[str] | None = None) -> None:
         cells = []
         for r in results:
             m = r["rows"][row.name]
-            cells.append(
-                f"{m['ms_per_step']:.3f} ms" + ("" if row.name == "none" else f" ({m['overhead_pct']:+.1f} %)")
-            )
+            if row.name == "none":
+                cells.append(f"{m['ms_per_step']:.3f} ms")
+            else:
+                cells.append(
+                    f"{m['ms_per_step']:.3f} ms ({m['overhead_pct']:+.1f} %; {m['us_in_calls_per_step']:.1f} µs in calls)"
+                )
         print(f"| {row.name} | " + " | ".join(cells) + " |")
     for r in results:
         for key, value in r.items():

@@ -211,7 +211,10 @@ def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = c.parse_args(__doc__.splitlines()[0], argv)
-    run(args.mode, args.out, chart=not args.no_chart)
+    try:
+        run(args.mode, args.out, chart=not args.no_chart)
+    finally:
+        cs.shutdown()
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c  # noqa: E402
+import contenders as cs  # noqa: E402
 
 NAME = "import_time"
 TITLE = "Import time (fresh interpreter, start-up excluded)"
@@ -46,7 +47,7 @@ def _time(stmt: str) -> float:
 
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
-    rounds = c.pick(mode, 1, 3, 9)
+    rounds = c.pick(mode, 1, 1, 9)
     notes = []
     cases = {}
     for name, stmt in CASES.items():
@@ -100,7 +101,10 @@ def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = c.parse_args(__doc__.splitlines()[0], argv)
-    run(args.mode, args.out, chart=not args.no_chart)
+    try:
+        run(args.mode, args.out, chart=not args.no_chart)
+    finally:
+        cs.shutdown()
     return 0
 
 

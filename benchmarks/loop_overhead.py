@@ -67,9 +67,9 @@ def _loop(work: Callable[[], object], steps: int, logger: Any, use_dict: bool) -
 
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
-    rounds = c.pick(mode, 1, 3, 7)
-    steps = c.pick(mode, 5, 1000, 2500)
-    budget = c.pick(mode, 0.01, 0.4, 1.0)
+    rounds = c.pick(mode, 1, 2, 7)
+    steps = c.pick(mode, 5, 300, 2500)
+    budget = c.pick(mode, 0.01, 0.15, 1.0)
     n_busy = c.calibrate_busy(STEP_S)
     blob = _calibrate_hash(STEP_S)
     works: dict[str, Callable[[], object]] = {
@@ -174,7 +174,10 @@ def _chart(rows: list[dict[str, Any]], works: list[str]) -> Callable[[Any], None
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = c.parse_args(__doc__.splitlines()[0], argv)
-    run(args.mode, args.out, chart=not args.no_chart)
+    try:
+        run(args.mode, args.out, chart=not args.no_chart)
+    finally:
+        cs.shutdown()
     return 0
 
 

@@ -48,7 +48,7 @@ def _one_round(x: cs.Contender, root: Path, steps: int, use_dict: bool) -> tuple
 
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
-    rounds = c.pick(mode, 1, 3, 5)
+    rounds = c.pick(mode, 1, 2, 5)
     budget = c.pick(mode, 0.002, 0.15, 0.6)
     usable, notes = cs.available(cs.ALL)
     entries: list[tuple[str, cs.Contender, bool]] = []
@@ -138,7 +138,10 @@ def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = c.parse_args(__doc__.splitlines()[0], argv)
-    run(args.mode, args.out, chart=not args.no_chart)
+    try:
+        run(args.mode, args.out, chart=not args.no_chart)
+    finally:
+        cs.shutdown()
     return 0
 
 

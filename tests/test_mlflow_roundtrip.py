@@ -245,6 +245,27 @@ def test_experiments_are_reused_by_name(store: Path) -> None:
     assert ["Default", "other", "shared"] == sorted(e.name for e in client.search_experiments())
 
 
+def test_the_default_experiment_is_experiment_0(store: Path) -> None:
+    """start_run() without an experiment logs to MLflow's Default experiment, id 0, on a fresh or existing root."""
+    with steplog.start_run(tracking_uri=store) as first:
+        pass
+    with steplog.start_run(tracking_uri=store) as second:
+        pass
+    assert ("0", "0") == (first.experiment_id, second.experiment_id)
+    client = MlflowClient(tracking_uri=store.as_uri())
+    assert ["Default"] == [e.name for e in client.search_experiments()]
+    assert sorted([first.run_id, second.run_id]) == sorted(r.info.run_id for r in client.search_runs(["0"]))
+
+
+def test_a_deleted_experiment_is_not_reused(store: Path) -> None:
+    """Logging to the name of an experiment deleted in MLflow is refused, saying how to restore it."""
+    with steplog.start_run("gone", tracking_uri=store) as run:
+        pass
+    MlflowClient(tracking_uri=store.as_uri()).delete_experiment(run.experiment_id)
+    with pytest.raises(steplog.StepLogError, match=r"experiment 'gone' is deleted.*restore"):
+        steplog.start_run("gone", tracking_uri=store)
+
+
 def test_an_experiment_mlflow_created_is_reused(store: Path) -> None:
     """steplog joins an experiment MLflow itself created, by name."""
     client = MlflowClient(tracking_uri=store.as_uri())
@@ -293,3 +314,29 @@ def test_param_values_are_raw_files_read_back_exactly(store: Path) -> None:
     assert expected == got.data.params
     assert expected.items() <= got.data.tags.items()
     assert b"5" == (store / run.experiment_id / run.run_id / "params" / "int").read_bytes()
+
+
+@pytest.mark.parametrize("artifact_file", ["bad.json", "bad.yaml"])
+def test_log_dict_refuses_what_it_cannot_serialize(artifact_file: str, store: Path) -> None:
+    """log_dict with an object JSON/YAML cannot represent raises InvalidValueError at the call, naming the file."""
+    match = re.escape(f"artifact file {artifact_file!r}")
+    with (
+        steplog.start_run("artifacts", tracking_uri=store) as run,
+        pytest.raises(steplog.InvalidValueError, match=match),
+    ):
+        run.log_dict({"when": object()}, artifact_file)
+    assert [] == MlflowClient(tracking_uri=store.as_uri()).list_artifacts(run.run_id)
+
+
+@pytest.mark.parametrize("artifact_path", ["../escape", "/abs", "a/../../b"])
+def test_artifact_paths_cannot_escape_the_run(artifact_path: str, store: Path, tmp_path: Path) -> None:
+    """Artifact destinations outside the run's artifact directory are refused at the call."""
+    source = tmp_path / "f.txt"
+    source.write_text("x", encoding="utf-8")
+    with steplog.start_run("artifacts", tracking_uri=store) as run:
+        with pytest.raises(steplog.InvalidValueError, match="artifact"):
+            run.log_artifact(source, artifact_path=artifact_path)
+        with pytest.raises(steplog.InvalidValueError, match="artifact"):
+            run.log_text("x", artifact_path)
+        with pytest.raises(steplog.InvalidValueError, match="does not exist"):
+            run.log_artifact(tmp_path / "missing.txt")

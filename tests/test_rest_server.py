@@ -18,7 +18,7 @@ import steplog
 from steplog.cli import main as cli_main
 from steplog.testing import MemorySink
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def _client(url: str) -> Any:
@@ -48,7 +48,7 @@ def test_a_run_reads_back_exactly_through_mlflow(mlflow_server: Any, tmp_path: P
         "rest-readback", run_name="exact", tracking_uri=mlflow_server.url, sinks=[memory], tags={"team": "ml"}
     ) as run:
         run.log_params({f"p{i:03d}": i * 0.5 for i in range(150)})
-        for step in range(4000):
+        for step in range(3000):
             run.log_metrics({"loss": 1.0 / (step + 1), "acc": math.nan if step % 997 == 0 else step * 1e-4}, step=step)
         run.log_artifact(source)
         run.log_text("hello", "notes/readme.txt")
@@ -99,17 +99,17 @@ def test_a_server_killed_mid_run_gets_every_point_exactly_once(mlflow_server: An
     """Kill the server mid-run and start it again on the same database: a run that goes on has every point once,
     and a run closed during the outage leaves a journal that `steplog sync` uploads (twice: still once)."""
     journal = tmp_path / "journal"
-    options = {"journal_dir": str(journal), "max_buffer": 2000}
+    options = {"journal_dir": str(journal), "max_buffer": 1000}
     going_on = steplog.start_run("rest-outage", tracking_uri=mlflow_server.url, **options)
     closed_early = steplog.start_run("rest-outage", tracking_uri=mlflow_server.url, **options)
     try:
-        for step in range(1500):
+        for step in range(300):
             going_on.log_metric("x", float(step), step=step)
             closed_early.log_metric("y", float(step), step=step)
         going_on.flush()
         closed_early.flush()
         mlflow_server.kill()
-        for step in range(1500, 6000):  # past max_buffer: spilled to the journal
+        for step in range(300, 2500):  # past max_buffer: spilled to the journal
             going_on.log_metric("x", float(step), step=step)
             closed_early.log_metric("y", float(step), step=step)
         going_on.flush()
@@ -119,16 +119,16 @@ def test_a_server_killed_mid_run_gets_every_point_exactly_once(mlflow_server: An
         mlflow_server.start()
     folder = journal / closed_early.run_id
     assert f"steplog sync {folder} --to {mlflow_server.url}" in str(info.value)
-    for step in range(6000, 6500):
+    for step in range(2500, 2700):
         going_on.log_metric("x", float(step), step=step)
     going_on.close()
     client = _client(mlflow_server.url)
-    assert list(range(6500)) == [p[0] for p in _history(client, going_on.run_id, "x")]
+    assert list(range(2700)) == [p[0] for p in _history(client, going_on.run_id, "x")]
     assert "FINISHED" == client.get_run(going_on.run_id).info.status
 
     assert 0 == cli_main(["sync", str(folder), "--to", mlflow_server.url])
     assert 0 == cli_main(["sync", str(folder), "--to", mlflow_server.url])
-    assert list(range(6000)) == [p[0] for p in _history(client, closed_early.run_id, "y")]
+    assert list(range(2500)) == [p[0] for p in _history(client, closed_early.run_id, "y")]
     assert "FINISHED" == client.get_run(closed_early.run_id).info.status
 
 

@@ -198,6 +198,28 @@ async def test_flush_from_another_thread_of_an_async_run(store: Path, anyio_back
 
 
 @pytest.mark.anyio
+async def test_close_from_another_thread_of_an_async_run(store: Path, anyio_backend: str) -> None:
+    """close() from a worker thread ends an async run (all written, status kept) without corrupting the loop."""
+    import anyio.to_thread
+
+    async with steplog.start_run("thread", tracking_uri=store) as run:
+        run.log_metric("x", 1.0)
+        await anyio.to_thread.run_sync(run.close, "KILLED")
+        assert run.closed
+        with pytest.raises(RunStateError, match="closed"):
+            run.log_metric("x", 2.0)
+    manual = await steplog.start_run("thread", tracking_uri=store).astart()
+    manual.log_metric("x", 3.0)
+    await anyio.to_thread.run_sync(manual.close)
+    await manual.aclose()  # the starting task leaves the run
+    client = MlflowClient(tracking_uri=store.as_uri())
+    assert "KILLED" == client.get_run(run.run_id).info.status
+    assert [1.0] == [m.value for m in client.get_metric_history(run.run_id, "x")]
+    assert "FINISHED" == client.get_run(manual.run_id).info.status
+    assert [3.0] == [m.value for m in client.get_metric_history(manual.run_id, "x")]
+
+
+@pytest.mark.anyio
 async def test_records_logged_before_astart_are_written(store: Path, anyio_backend: str) -> None:
     """Inside a loop start_run() does not start the writer; records logged before it starts wait and are written."""
     run = steplog.start_run("early", tracking_uri=store)

@@ -42,15 +42,21 @@ def write_steplog_store(root: Path) -> dict[str, str]:
             run.log_metrics({"loss": 1 / (step + 1), "acc/top1": step / 200}, step=step)
         run.log_metric("loss", 5.0, step=50)  # an out-of-order step: "latest" is still step 199's
     ids["baseline"] = run.run_id
-    with pytest.raises(ZeroDivisionError), steplog.start_run("mnist", run_name="broken", tracking_uri=root) as run:
-        run.log_metric("loss", float("nan"), step=0)
-        run.log_metric("loss", math.inf, step=1)
-        ids["broken"] = run.run_id
-        1 / 0  # noqa: B018 - the run ends FAILED
+    with pytest.raises(ZeroDivisionError):
+        fail_a_run(root, ids)
     with steplog.start_run("other", run_name="solo", tracking_uri=root) as run:
         run.log_metric("reward", -0.0, step=0)
     ids["solo"] = run.run_id
     return ids
+
+
+def fail_a_run(root: Path, ids: dict[str, str]) -> None:
+    """A run whose block raises, so it ends FAILED."""
+    with steplog.start_run("mnist", run_name="broken", tracking_uri=root) as run:
+        run.log_metric("loss", float("nan"), step=0)
+        run.log_metric("loss", math.inf, step=1)
+        ids["broken"] = run.run_id
+        raise ZeroDivisionError
 
 
 def write_mlflow_store(root: Path) -> dict[str, str]:
@@ -142,7 +148,7 @@ def test_experiments_and_filters(stores: dict[str, Any]) -> None:
     assert {ids["baseline"], ids["broken"]} == {r.run_id for r in store.runs(mnist.experiment_id)}
     assert [ids["broken"]] == [r.run_id for r in store.runs("mnist", status="failed")]
     assert [ids["baseline"]] == [r.run_id for r in store.runs(status=RunStatus.FINISHED) if r.run_name == "baseline"]
-    with pytest.raises(StoreError, match="no experiment named 'nope'.*mnist"):
+    with pytest.raises(StoreError, match=r"no experiment named 'nope'.*mnist"):
         store.runs("nope")
     with pytest.raises(StoreError, match="unknown run status 'DONE'"):
         store.runs(status="DONE")
@@ -168,7 +174,7 @@ def test_latest_follows_mlflows_rule(stores: dict[str, Any]) -> None:
     assert -math.inf == Store(root).get_run(ids["mlflow-run"]).latest["weird"].value
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(
         st.tuples(
@@ -242,7 +248,7 @@ def test_metric_errors_name_the_metrics(stores: dict[str, Any]) -> None:
 
 def test_missing_and_unsupported_stores(tmp_path: Path) -> None:
     """A missing directory and a non-file URI are errors, and opening a store writes nothing to it."""
-    with pytest.raises(StoreError, match="no MLflow store at .*does not exist"):
+    with pytest.raises(StoreError, match=r"no MLflow store at .*does not exist"):
         Store(tmp_path / "nope")
     with pytest.raises(StoreError, match="not a local file store"):
         Store("sqlite:///mlflow.db")
@@ -400,7 +406,7 @@ _TOKENS = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.lists(st.lists(_TOKENS, min_size=1, max_size=5).map(" ".join), max_size=12), st.booleans())
 def test_parser_matches_mlflows_rule_on_random_files(lines: list[str], torn: bool) -> None:
     """Random lines of random tokens (valid or not) parse exactly as MLflow's rule, torn tail ignored."""
@@ -418,10 +424,14 @@ def test_parser_matches_mlflows_rule_on_random_files(lines: list[str], torn: boo
     )
 )
 def test_parser_reads_well_formed_files_bit_exactly(points: list[tuple[int, float, int]]) -> None:
-    """Files as MLflow writes them (f"{ts} {value} {step}") come back bit-exactly, the fast path's case."""
+    """Files as MLflow writes them (f"{ts} {value} {step}") come back bit-exactly, the fast path's case.
+
+    (Bit-exactly as ``float()`` reads the text: "nan" carries no sign or payload.)
+    """
     data = "".join(f"{ts} {value} {step}\n" for ts, value, step in points).encode()
     steps, values, stamps, bad = parse_metric_lines(data)
-    assert ([p[2] for p in points], bits([p[1] for p in points]), [p[0] for p in points], 0) == (
+    expected_values = [float(str(p[1])) for p in points]
+    assert ([p[2] for p in points], bits(expected_values), [p[0] for p in points], 0) == (
         steps,
         bits(values),
         stamps,
@@ -429,14 +439,14 @@ def test_parser_reads_well_formed_files_bit_exactly(points: list[tuple[int, floa
     )
 
 
-def test_history_of_a_million_points_reads_back() -> None:
-    """A million-point file (40 MB) parses to a million points with the right first and last ones."""
+def test_a_long_history_reads_back() -> None:
+    """A 250,000-point file (10 MB) parses to every point, the last ones right (benchmarks/reader.py times 1 M)."""
     ts = 1_700_000_000_000
     items: list[Any] = []
-    for i in range(1_000_000):
+    for i in range(250_000):
         items += (ts + i // 10, i / 7, i)
     data = encode_metric_lines(items)
     steps, values, stamps, bad = parse_metric_lines(data)
-    assert (1_000_000, 0, 999_999, 999_999 / 7, ts + 99_999) == (len(steps), bad, steps[-1], values[-1], stamps[-1])
+    assert (250_000, 0, 249_999, 249_999 / 7, ts + 24_999) == (len(steps), bad, steps[-1], values[-1], stamps[-1])
     history = History("k", steps, values, stamps)
-    assert MetricPoint(999_999, 999_999 / 7, ts + 99_999) == history.latest()
+    assert MetricPoint(249_999, 249_999 / 7, ts + 24_999) == history.latest()

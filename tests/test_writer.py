@@ -5,6 +5,7 @@ Faults are injected at the Sink seam: sinks that fail or hold a write until the 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -166,20 +167,35 @@ def stall(sink: GateSink, run: steplog.Run) -> None:
 
 
 def test_on_full_raise() -> None:
-    """With on_full="raise", logging into a full buffer (the writer stalled) raises BufferFullError at the call."""
+    """With on_full="raise", the run holds at most max_buffer records (the writer's included); one more raises."""
+    sink = GateSink()
+    run = run_with(sink, max_buffer=10, on_full="raise", flush_interval=0.01)
+    try:
+        stall(sink, run)  # the writer holds 1 record
+        for i in range(9):
+            run.log_metric("x", float(i))
+        with pytest.raises(BufferFullError, match="the buffer is full \\(10 records\\)"):
+            run.log_metric("x", 9.0)
+        assert 10 == run.stats().queued
+    finally:
+        sink.gate.set()
+        run.close()
+    assert [-1.0] + [float(i) for i in range(9)] == sink.values("x")
+
+
+def test_on_full_raise_counts_every_key() -> None:
+    """max_buffer bounds the records of all keys together, not of each key."""
     sink = GateSink()
     run = run_with(sink, max_buffer=10, on_full="raise", flush_interval=0.01)
     try:
         stall(sink, run)
-        for i in range(10):
-            run.log_metric("x", float(i))
-        with pytest.raises(BufferFullError, match="the buffer is full \\(10 records\\)"):
-            run.log_metric("x", 10.0)
-        assert 11 == run.stats().queued
+        with pytest.raises(BufferFullError):
+            for_each(range(100), lambda i: run.log_metric(f"k{i % 20}", float(i)))
+        assert 10 == run.stats().queued
     finally:
         sink.gate.set()
         run.close()
-    assert [-1.0] + [float(i) for i in range(10)] == sink.values("x")
+    assert 10 == sum(len(points) for points in sink.metrics.values())
 
 
 def test_on_full_drop_counts_and_warns_once() -> None:
@@ -195,8 +211,8 @@ def test_on_full_drop_counts_and_warns_once() -> None:
         sink.gate.set()
         run.close()
     stats = run.stats()
-    assert (26, 11, 0, 15) == (stats.logged, stats.written, stats.queued, stats.dropped)
-    assert [-1.0] + [float(i) for i in range(10)] == sink.values("x")
+    assert (26, 10, 0, 16) == (stats.logged, stats.written, stats.queued, stats.dropped)
+    assert [-1.0] + [float(i) for i in range(9)] == sink.values("x")
 
 
 def test_on_full_block_waits_and_loses_nothing() -> None:
@@ -220,6 +236,33 @@ def test_on_full_block_waits_and_loses_nothing() -> None:
         logger.join()
     assert [float(i) for i in range(50)] == sink.values("x")
     assert 0 == run.stats().dropped
+
+
+def test_flush_timeout_names_what_is_unwritten_and_the_run_goes_on() -> None:
+    """flush(timeout=...) on a stalled writer raises FlushTimeoutError naming what is unwritten; later flushes work."""
+    sink = GateSink()
+    with run_with(sink, flush_interval=0.01) as run:
+        stall(sink, run)
+        run.log_metric("x", 1.0)
+        with pytest.raises(FlushTimeoutError, match=re.escape("flush() timed out after 0.2 s with 2 metric points")):
+            run.flush(timeout=0.2)
+        sink.gate.set()
+        run.log_metric("x", 2.0)
+        run.flush(timeout=WAIT)
+        assert [-1.0, 1.0, 2.0] == sink.values("x")
+
+
+@pytest.mark.anyio
+async def test_aflush_timeout(anyio_backend: str) -> None:
+    """await aflush(timeout=...) on a stalled writer raises FlushTimeoutError without blocking the loop."""
+    sink = GateSink()
+    async with steplog.start_run("async", sinks=[sink], flush_interval=0.01) as run:
+        run.log_metric("x", -1.0)
+        with pytest.raises(FlushTimeoutError, match=re.escape("timed out after 0.2 s")):
+            await run.aflush(timeout=0.2)
+        sink.gate.set()
+        await run.aflush()
+        assert [-1.0] == sink.values("x")
 
 
 @pytest.mark.anyio

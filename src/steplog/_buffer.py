@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from ._errors import BufferFullError, InvalidKeyError, ParamChangedError, RunStateError, StepLogError
+from ._errors import BufferFullError, InvalidKeyError, InvalidValueError, ParamChangedError, RunStateError, StepLogError
 from ._records import ArtifactRecord
 from ._validation import (
     INT64_MAX,
@@ -138,7 +138,8 @@ class Buffer:
         self._on_full: OnFull = on_full
         self._open_cap = 3 * max_buffer
         self._cap = self._open_cap
-        self._pending_seen = 0
+        self._pending_seen = 0  # records the writer holds, as it last said (set_pending)
+        self._in_drain = 0  # records taken by drain() that the writer has not counted yet
         self._value_hook = value_hook
         self._dropped = 0
         self._warned_drop = False
@@ -243,7 +244,7 @@ class Buffer:
                 col = []
                 self._cols[key] = col
                 self._known.add(key)
-                self.set_pending(self._pending_seen)  # one more key: a smaller share each
+                self._refresh_cap()  # one more key: a smaller share each
         return col
 
     def _prepare(self, key: Any, value: Any) -> tuple[list[Any], Any]:
@@ -255,14 +256,15 @@ class Buffer:
 
     def _log_slow(self, key: Any, value: Any, step: Any, timestamp: Any) -> None:
         self._check_usable()
+        # step and timestamp first: a refused call registers nothing, not even its key
+        ts = None if timestamp is None else _for_keys((key,), to_timestamp, timestamp)
+        if step is not None:
+            step = _for_keys((key,), to_step, step)
         col, value = self._prepare(key, value)
-        ts = None if timestamp is None else to_timestamp(timestamp)
         if step is None:
             step = self._step
-        else:
-            step = to_step(step)
-            if step != self._step:
-                self._boundary(step)
+        elif step != self._step:
+            self._boundary(step)
         if len(col) >= self._cap and not self._make_room(col):
             return None
         col += (self._ts if ts is None else ts, value, step)
@@ -274,8 +276,8 @@ class Buffer:
             raise InvalidKeyError(
                 f"log_metrics() takes a mapping of metric key to value, not {type(metrics).__name__}"
             )
-        ts = None if timestamp is None else to_timestamp(timestamp)
-        step = self._step if step is None else to_step(step)
+        ts = None if timestamp is None else _for_keys(metrics, to_timestamp, timestamp)
+        step = self._step if step is None else _for_keys(metrics, to_step, step)
         prepared = [self._prepare(key, value) for key, value in metrics.items()]  # all checked before any enqueued
         if step != self._step:
             self._boundary(step)
@@ -382,14 +384,23 @@ class Buffer:
         self._ts = _now_ms()
 
     def drain(self) -> tuple[list[tuple[str, list[Any]]], list[Event]]:
-        """Take everything queued: ``(metrics per key, params/tags/artifacts in order)``."""
+        """Take everything queued: ``(metrics per key, params/tags/artifacts in order)``.
+
+        Until the writer counts what it took (:meth:`set_pending`), the taken records stay
+        counted in :meth:`queued` and the hot path's room is sized with them, so a caller
+        racing the drain cannot overfill the buffer past ``max_buffer``.
+        """
+        if self._cap > 0:
+            self._cap = 0  # calls during the drain take the slow path, which counts everything
         metrics: list[tuple[str, list[Any]]] = []
         for key, col in list(self._cols.items()):
             n = len(col)
             if n:
                 items = col[:n]
+                self._in_drain += n // 3  # counted before the column shrinks
                 del col[:n]
                 metrics.append((key, items))
+        self._refresh_cap()
         events: list[Event] = []
         pop = self._events.popleft
         while True:
@@ -406,7 +417,7 @@ class Buffer:
 
     def queued(self) -> int:
         """Records logged and not yet written (in the buffer and in the writer's hands)."""
-        return sum(map(len, list(self._cols.values()))) // 3 + self.pending_records()
+        return sum(map(len, list(self._cols.values()))) // 3 + self._in_drain + self.pending_records()
 
     def queued_by_key(self) -> dict[str, int]:
         """Records still in the buffer, per key."""
@@ -432,7 +443,29 @@ class Buffer:
         memory stays bounded by ``max_buffer`` however many keys there are.
         """
         self._pending_seen = pending
-        self._cap = 3 * max(0, (self._max_buffer - pending) // max(1, len(self._cols)))
+        self._in_drain = 0  # what drain() took is counted in ``pending`` now
+        self._refresh_cap()
+
+    def _refresh_cap(self) -> None:
+        """Set the per-key limit so that all columns together cannot pass ``max_buffer`` on the fast path.
+
+        Water-filling: a column already longer than the fair share keeps its records but may
+        not grow; the others share what is left.
+        """
+        budget = self._max_buffer - self._pending_seen - self._in_drain
+        lengths = [len(c) // 3 for c in list(self._cols.values())]
+        remaining = len(lengths)
+        limit = 0
+        if remaining and budget > 0:
+            limit = budget // remaining
+            if max(lengths) > limit:  # rare: some columns are long (a stalled writer, a new key)
+                for n in sorted(lengths, reverse=True):
+                    if n <= limit or remaining == 1:
+                        break
+                    budget -= n
+                    remaining -= 1
+                    limit = max(0, budget) // remaining
+        self._cap = 3 * limit
         if self._closed_reason is not None or self._forked:
             self._cap = -1  # close() or a fork won a race with this update: keep refusing
 
@@ -444,6 +477,15 @@ class Buffer:
     def detach(self) -> None:
         """Stop tracking this buffer for fork handling."""
         _live_buffers.discard(self)
+
+
+def _for_keys(keys: Any, convert: Callable[[Any], int], value: Any) -> int:
+    """``convert(value)``, with a refusal naming the metric key(s) it was logged for."""
+    try:
+        return convert(value)
+    except InvalidValueError as exc:
+        names = ", ".join(repr(k) for k in list(keys)[:5]) + (", ..." if len(keys) > 5 else "")
+        raise InvalidValueError(f"metric {names}: {exc}") from None
 
 
 def _noop() -> None:

@@ -75,7 +75,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="the image to write (.png; .svg and .pdf work too)")
     p.add_argument("--key", "-k", action="append", default=None, help="a metric key (repeatable)")
     p.add_argument(
-        "--smooth", type=int, default=1, metavar="N", help="centred moving average over N points (raw curve kept faint)"
+        "--smooth",
+        type=int,
+        default=1,
+        metavar="N",
+        help="centred moving average over N points, at most a tenth of a curve (raw curve kept faint)",
     )
     p.add_argument("--x", choices=("step", "time"), default="step", help="x axis: step, or time since run start")
     p.add_argument("--uri", default=None, help=_URI_HELP)
@@ -278,11 +282,6 @@ def _one_line(text: str, width: int = 100) -> str:
 def _plot(args: argparse.Namespace) -> int:
     if args.smooth < 1:
         raise CommandError(f"--smooth must be at least 1 (points per moving-average window), not {args.smooth}")
-    try:
-        import numpy as np
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise CommandError("steplog plot needs matplotlib: pip install 'steplog[plot]'") from None
     store = _open_store(args.uri)
     runs, keys = _split_targets(store, args.targets, args.key)
     histories: dict[str, list[tuple[RunData, History]]] = {}
@@ -292,10 +291,15 @@ def _plot(args: argparse.Namespace) -> int:
             metrics = sorted({k for r in runs for k in r.metric_keys})
             raise CommandError(f"no run given has a metric {key!r} (their metrics: {', '.join(metrics) or 'none'})")
         for run in runs:
-            if run not in having:
+            if key not in run.metric_keys:
                 print(f"note: run {run.run_id[:8]} has no metric {key!r}", file=sys.stderr)
         histories[key] = [(r, store.metric_history(r.run_id, key)) for r in having]
 
+    try:  # after the arguments are checked: matplotlib takes a second to import
+        import numpy as np
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise CommandError("steplog plot needs matplotlib: pip install 'steplog[plot]'") from None
     short = _short_ids([r.run_id for r in runs])
     fig = Figure(figsize=(9.0, 0.6 + 2.8 * len(keys)), dpi=110, layout="constrained")
     axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
@@ -315,9 +319,12 @@ def _plot(args: argparse.Namespace) -> int:
             y = np.where(np.isinf(y), np.nan, y)
             label = f"{run.run_name or '-'} ({short[run.run_id]})"
             color = color_of[run.run_id]
-            if args.smooth > 1 and len(y) > 1:
+            # A window of at most a tenth of the curve, so a sparse curve (a validation loss
+            # logged every 100 steps) next to a dense one is smoothed, not flattened.
+            window = min(args.smooth, len(y) // 10)
+            if window > 1:
                 ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
-                ax.plot(x, _moving_average(np, y, args.smooth), color=color, linewidth=1.5, label=label)
+                ax.plot(x, _moving_average(np, y, window), color=color, linewidth=1.5, label=label)
             else:
                 ax.plot(x, y, color=color, linewidth=1.2, label=label, marker="o" if len(y) == 1 else None)
         ax.set_title(key, loc="left", fontsize=10)
@@ -433,6 +440,14 @@ def _snapshot_rows(watcher: RunWatcher) -> list[list[str]]:
 _TAIL_HEADERS = ("KEY", "LATEST", "STEP", "POINTS", "AT")
 
 
+def _refresh(watcher: RunWatcher, previous: RunData) -> RunData:
+    """The run's metadata now, or as last seen while its meta.yaml is mid-rewrite (MLflow rewrites in place)."""
+    try:
+        return watcher.run()
+    except StoreError:
+        return previous
+
+
 def _header(run: RunData) -> str:
     return f"run {run.run_id} ({run.run_name or '-'}): {run.status.name}, {_duration(run)}"
 
@@ -448,7 +463,7 @@ def _tail_plain(watcher: RunWatcher, args: argparse.Namespace) -> None:
     while run.status == RunStatus.RUNNING:
         time.sleep(args.interval)
         changed = watcher.poll()
-        run = watcher.run()
+        run = _refresh(watcher, run)
         if run.status != RunStatus.RUNNING:
             changed.update(watcher.poll())  # what was written between the look and the close
         _print_changes(changed, watcher, out)
@@ -499,7 +514,7 @@ def _tail_rich(watcher: RunWatcher, args: argparse.Namespace) -> None:
         while run.status == RunStatus.RUNNING:
             time.sleep(args.interval)
             watcher.poll()
-            run = watcher.run()
+            run = _refresh(watcher, run)
             if run.status != RunStatus.RUNNING:
                 watcher.poll()
             live.update(render(run), refresh=True)

@@ -77,6 +77,8 @@ class Options:
             raise InvalidValueError(f"durability must be 'os' or 'fsync', not {self.durability!r}")
         if not (isinstance(self.close_timeout, (int, float)) and self.close_timeout > 0):
             raise InvalidValueError(f"close_timeout must be a positive number of seconds, not {self.close_timeout!r}")
+        if not (isinstance(self.start_timeout, (int, float)) and self.start_timeout > 0):
+            raise InvalidValueError(f"start_timeout must be a positive number of seconds, not {self.start_timeout!r}")
 
 
 def _now_ms() -> int:
@@ -131,6 +133,7 @@ class Run:
         self._writer_future: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._task_group_left_open = False  # set by a close() from another thread (see aclose)
         self._token: Any = None
         self._info: RunInfo | None = None
         self._pid = os.getpid()
@@ -221,7 +224,10 @@ class Run:
                 raise InvalidValueError(
                     f"artifact file {path!r}: writing YAML needs PyYAML (pip install pyyaml), or use .json"
                 ) from None
-            text = yaml.safe_dump(dictionary, default_flow_style=False, sort_keys=False)
+            try:
+                text = yaml.safe_dump(dictionary, default_flow_style=False, sort_keys=False)
+            except yaml.YAMLError as exc:  # e.g. a numpy scalar or another object safe_dump cannot represent
+                raise InvalidValueError(f"artifact file {path!r}: the object is not YAML-serializable: {exc}") from exc
         else:
             try:
                 text = json.dumps(dictionary, indent=2)
@@ -323,7 +329,10 @@ class Run:
             FlushTimeoutError: ``timeout`` seconds passed first (says what is unwritten).
             RunStateError: called from inside the event loop the run's writer runs in
                 (use ``await run.aflush()`` there).
+            StepLogError: called in a forked child (the writer lives in the parent).
         """
+        if os.getpid() != self._pid:
+            self._buffer._check_usable()  # raises: the writer's thread does not exist in a forked child
         if self._state in ("closing", "closed"):
             self._writer._raise_if_unwritten()
             return
@@ -347,6 +356,8 @@ class Run:
 
     async def aflush(self, timeout: float | None = None) -> None:
         """Wait, without blocking the event loop, until everything logged before the call is written."""
+        if os.getpid() != self._pid:
+            self._buffer._check_usable()  # raises: the writer does not exist in a forked child
         if self._state in ("closing", "closed"):
             self._writer._raise_if_unwritten()
             return
@@ -370,6 +381,8 @@ class Run:
 
         Bounded: gives up after ``timeout`` seconds (default: the ``close_timeout`` option)
         and raises FlushTimeoutError naming what was not written. Closing twice is a no-op.
+        For an async run, called from another thread: everything is written and the run ends,
+        and the task that started the run still leaves it (``async with`` or ``await run.aclose()``).
         """
         final = _status(status)
         timeout = self._options.close_timeout if timeout is None else timeout
@@ -386,13 +399,29 @@ class Run:
             raise RunStateError(
                 "close() would block the event loop that this run's writer runs in: use `await run.aclose()`"
             )
-        anyio.from_thread.run(self._aclose_in_loop, final, timeout, token=self._token)
+        anyio.from_thread.run(self._finish_from_other_thread, final, timeout, token=self._token)
+
+    async def _finish_from_other_thread(self, status: RunStatus, timeout: float) -> None:
+        """close() from a thread other than the loop's: write everything and stop the writer in its loop.
+
+        The writer's task group stays open: exiting it from any task but the one that entered it
+        corrupts asyncio's and trio's cancel scopes. That task's ``aclose()`` (or the end of its
+        ``async with``) exits it.
+        """
+        self._task_group_left_open = True
+        try:
+            await self._finish(status, timeout)
+        finally:
+            self._end_state(status)
 
     async def aclose(self, status: str | RunStatus = "FINISHED", timeout: float | None = None) -> None:
         """Like :meth:`close`, without blocking the event loop."""
         final = _status(status)
         timeout = self._options.close_timeout if timeout is None else timeout
         if not self._begin_close():
+            if self._task_group_left_open and self._state == "closed" and self._stack is not None:
+                self._task_group_left_open = False  # closed from another thread: exit the task group here
+                await self._stack.aclose()
             return
         if self._host is not None:
             await anyio.to_thread.run_sync(self._close_threaded, final, timeout)

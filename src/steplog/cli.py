@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "steplog._demo",
     "steplog._sync",
     "steplog._commands",
+    "steplog._bench",
 )
 
 

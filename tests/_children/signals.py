@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 
 STEPS = 50
@@ -55,8 +56,11 @@ def wait_for_parent() -> None:
     print(f"ready {STEPS}", flush=True)
     while not stop:
         line = sys.stdin.readline()
-        if line.strip() == "go" or not line:
+        if line.strip() == "go":
             break
+        if not line:  # the parent closed stdin: only the signal (or a flag it sets) ends the wait
+            while not stop:
+                time.sleep(0.01)
 
 
 def main() -> None:
@@ -89,8 +93,11 @@ def main() -> None:
         async def amain() -> None:
             async with steplog.start_run("signals", **options) as run:
                 log_steps(run, 0, STEPS)
-                await anyio.sleep(0)
-                await anyio.to_thread.run_sync(wait_for_parent, abandon_on_cancel=True)
+                # wait on a daemon thread, polled from the loop, so the loop stays free to take the signal
+                waiter = threading.Thread(target=wait_for_parent, daemon=True)
+                waiter.start()
+                while waiter.is_alive():
+                    await anyio.sleep(0.01)
                 log_steps(run, STEPS, STEPS + 1)
 
         anyio.run(amain, backend=hosting)

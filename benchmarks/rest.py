@@ -1,0 +1,246 @@
+"""Streaming to an MLflow tracking server: points per second against the same local server, side by side.
+
+Contenders, each logging one metric key, one point per step, into a fresh run:
+
+* raw httpx: pre-built 1000-metric ``runs/log-batch`` bodies posted one after another
+  (the server's own ceiling: nothing a client library could do faster, one request at a time);
+* steplog: ``run.log_metric`` in a loop, clock stopped when ``close()`` returns (everything
+  acknowledged by the server);
+* MLflow's client, sync: ``MlflowClient.log_metric`` (one request per point);
+* MLflow's client, ``synchronous=False``: the same calls queued, then waited for.
+
+The MLflow client contenders get fewer points (they send one request per point). A
+round runs every contender once, in rotating order; the figures are medians over rounds.
+The script starts its own ``mlflow server`` (sqlite backend, one worker) on 127.0.0.1,
+unless ``--url`` names one.
+
+    python benchmarks/rest.py [--quick | --smoke] [--url http://127.0.0.1:5000] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as c
+
+NAME = "rest"
+TITLE = "Streaming to an MLflow server (sqlite, 1 worker): points per second"
+BASE_TS = 1_700_000_000_000
+
+
+class Server:
+    """A local ``mlflow server`` in its own process group (stopped with it)."""
+
+    def __init__(self, root: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination", str(root / "artifacts"),
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("mlflow server did not start within 120 s")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def _new_run(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name("bench-rest")
+    exp_id = exp.experiment_id if exp else client.create_experiment("bench-rest")
+    return str(client.create_run(exp_id, run_name=name).info.run_id)
+
+
+def raw_httpx(url: str, client: Any, n: int) -> float:
+    """Seconds to post ``n`` points as 1000-metric log-batch requests with a plain httpx client."""
+    import httpx
+    import orjson
+
+    run_id = _new_run(client, "raw")
+    bodies = []
+    for start in range(0, n, 1000):
+        metrics = [
+            {"key": "loss", "value": 1.0 / (i + 1), "timestamp": BASE_TS + i, "step": i}
+            for i in range(start, min(n, start + 1000))
+        ]
+        bodies.append(orjson.dumps({"run_id": run_id, "metrics": metrics}))
+    headers = {"Content-Type": "application/json"}
+    with httpx.Client(base_url=url, timeout=120) as http:
+        t0 = time.perf_counter()
+        for body in bodies:
+            http.post("/api/2.0/mlflow/runs/log-batch", content=body, headers=headers).raise_for_status()
+        return time.perf_counter() - t0
+
+
+def steplog_run(url: str, client: Any, n: int, hot: list[float]) -> float:
+    """Seconds from the first log call until close() returns (everything acknowledged)."""
+    import steplog
+
+    run = steplog.start_run("bench-rest", run_name="steplog", tracking_uri=url, handle_signals=False)
+    log_metric = run.log_metric
+    t0 = time.perf_counter()
+    for i in range(n):
+        log_metric("loss", 1.0 / (i + 1), i)
+    t1 = time.perf_counter()
+    run.close()
+    hot.append((t1 - t0) / n * 1e9)
+    return time.perf_counter() - t0
+
+
+def steplog_local_hot(root: Path, n: int) -> float:
+    """ns per log_metric call with the local store (the hot path the REST sink must not change)."""
+    import steplog
+
+    run = steplog.start_run("bench-rest", tracking_uri=str(root / "mlruns"), handle_signals=False)
+    log_metric = run.log_metric
+    t0 = time.perf_counter()
+    for i in range(n):
+        log_metric("loss", 1.0 / (i + 1), i)
+    t1 = time.perf_counter()
+    run.close()
+    return (t1 - t0) / n * 1e9
+
+
+def mlflow_sync(url: str, client: Any, n: int) -> float:
+    run_id = _new_run(client, "mlflow-sync")
+    t0 = time.perf_counter()
+    for i in range(n):
+        client.log_metric(run_id, "loss", 1.0 / (i + 1), timestamp=BASE_TS + i, step=i)
+    return time.perf_counter() - t0
+
+
+def mlflow_async(url: str, client: Any, n: int) -> float:
+    run_id = _new_run(client, "mlflow-async")
+    t0 = time.perf_counter()
+    ops = [
+        client.log_metric(run_id, "loss", 1.0 / (i + 1), timestamp=BASE_TS + i, step=i, synchronous=False)
+        for i in range(n)
+    ]
+    for op in ops:
+        op.wait()
+    return time.perf_counter() - t0
+
+
+def run(mode: str, out: Path, chart: bool, url: str | None) -> dict[str, Any]:
+    """Measure, print the table, write JSON (and PNG); return the result."""
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    rounds = c.pick(mode, 1, 3, 5)
+    n_big = c.pick(mode, 2000, 20_000, 50_000)
+    n_small = c.pick(mode, 50, 200, 500)
+    with tempfile.TemporaryDirectory(prefix="steplog-bench-rest-") as tmp:
+        root = Path(tmp)
+        server = None if url else Server(root)
+        target_url = url or server.url  # type: ignore[union-attr]
+        try:
+            client = MlflowClient(tracking_uri=target_url)
+            hot: list[float] = []
+            contenders: dict[str, tuple[Callable[[], float], int]] = {
+                "raw httpx (1000-metric log-batch)": (lambda: raw_httpx(target_url, client, n_big), n_big),
+                "steplog": (lambda: steplog_run(target_url, client, n_big, hot), n_big),
+                "mlflow client (sync)": (lambda: mlflow_sync(target_url, client, n_small), n_small),
+                "mlflow client (synchronous=False)": (lambda: mlflow_async(target_url, client, n_small), n_small),
+            }
+            rates: dict[str, list[float]] = {name: [] for name in contenders}
+            for r in range(rounds):
+                for name in c.rotate(list(contenders), r):
+                    fn, n = contenders[name]
+                    rates[name].append(n / fn())
+            local_hot = [steplog_local_hot(root, n_big) for _ in range(rounds)]
+        finally:
+            if server is not None:
+                server.stop()
+    medians = {name: c.summary(v)["median"] for name, v in rates.items()}
+    raw = medians["raw httpx (1000-metric log-batch)"]
+    rows = [
+        (name, c.fmt(medians[name]), f"{c.fmt(min(v))}-{c.fmt(max(v))}", f"{medians[name] / raw:.2f}")
+        for name, v in rates.items()
+    ]
+    print(TITLE)
+    print(f"({n_big} points for raw httpx and steplog, {n_small} for MLflow's client; {rounds} rounds; medians)")
+    print(c.table(["contender", "points/s", "min-max", "vs raw"], rows))
+    hot_rest = c.summary(hot)["median"]
+    hot_local = c.summary(local_hot)["median"]
+    print(
+        f"\nsteplog hot path: {hot_rest:.0f} ns/call streaming to the server, {hot_local:.0f} ns/call to a local store"
+    )
+    ratio = medians["steplog"] / raw
+    targets = [
+        c.target("steplog vs raw ceiling", ratio, ">= 0.90", ratio >= 0.90, f"{ratio:.2f}"),
+    ]
+    c.print_targets(targets)
+    result = {
+        "mode": mode,
+        "points": {"big": n_big, "small": n_small},
+        "rounds": rounds,
+        "rates": rates,
+        "medians": medians,
+        "hot_path_ns": {"rest": hot_rest, "local": hot_local},
+        "targets": targets,
+        "versions": c.versions("mlflow", "httpx", "steplog"),
+    }
+    draw = (
+        (lambda ax: c.bar_chart(ax, list(medians), list(medians.values()), title=TITLE, xlabel="points/s"))
+        if chart
+        else None
+    )
+    c.write_results(NAME, result, out, chart=draw)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="fewer rounds and points")
+    group.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
+    parser.add_argument("--url", help="use this running server instead of starting one")
+    parser.add_argument("--out", type=Path, default=None, help="where to write JSON and PNG")
+    parser.add_argument("--no-chart", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    run(mode, args.out or c.default_out(mode), not args.no_chart, args.url)
+
+
+if __name__ == "__main__":
+    main()

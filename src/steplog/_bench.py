@@ -1,0 +1,144 @@
+"""``steplog bench``: run the benchmark suite of the source tree's ``benchmarks/`` folder.
+
+The scripts themselves live in ``benchmarks/`` (runnable on their own; see their
+docstrings). This command finds that folder next to the installed source (an editable
+install of a clone, as ``make bench`` makes), runs every script side by side with its
+contenders, and finishes with one table of the targets, written with the per-script
+JSON and PNG files to ``benchmarks/results/`` (``results/quick/`` for ``--quick``).
+
+A full run starts one fresh interpreter per script, so no contender's leftover threads
+disturb the next script; ``--quick`` (under a minute) runs them in this process with
+fewer rounds and smaller sizes, to see the picture fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .cli import CommandError
+
+__all__ = ["SUITE", "find_benchmarks", "register", "run_suite"]
+
+SUITE = ("import_time", "hot_path", "throughput", "loop_overhead", "flush_latency", "event_loop", "memory")
+"""The suite's scripts, in the order they run (the cheapest first)."""
+
+# Other issues' benchmarks, run as they are by a full run when present (not by --quick).
+_OTHERS: dict[str, list[str]] = {
+    "reader": ["--points", "200000", "--repeat", "3"],
+    "gpu_sync": ["--device", "cpu"],
+    "rest": [],
+}
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="run the benchmarks against sync logging and the peers (from a source checkout)",
+        description="Run benchmarks/ side by side: steplog, naive and buffered sync logging, MLflow sync and "
+        "async, tensorboardX, W&B offline and trackio (those installed: pip install -e '.[bench]'). "
+        "Prints each table and the targets, and writes JSON and PNG files under benchmarks/results/.",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer rounds, smaller sizes, in one process (< 1 min)")
+    size.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny sizes: the test suite's check
+    parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SUITE)}")
+    parser.add_argument("--out", type=Path, default=None, help="where to write results (default benchmarks/results/)")
+    parser.add_argument("--no-chart", action="store_true", help="write no PNG charts")
+    parser.set_defaults(func=_main)
+
+
+def find_benchmarks() -> Path:
+    """The ``benchmarks/`` folder of the source tree steplog is imported from."""
+    folder = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (folder / "_common.py").is_file():
+        raise CommandError(
+            f"no benchmarks/ folder next to this steplog ({Path(__file__).resolve().parent}): the benchmarks run "
+            "from a source checkout; clone the repository and run `make bench` (or pip install -e '.[bench]' "
+            "there, then `steplog bench`)"
+        )
+    return folder
+
+
+def _main(args: argparse.Namespace) -> int:
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SUITE)
+    unknown = sorted(set(names) - set(SUITE))
+    if unknown:
+        raise CommandError(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(SUITE)}")
+    failed = run_suite(names, mode=mode, out=args.out, chart=not args.no_chart)
+    if failed:
+        raise CommandError(f"{len(failed)} benchmark(s) failed: {', '.join(failed)} (see above)")
+    return 0
+
+
+def run_suite(names: list[str], *, mode: str, out: Path | None = None, chart: bool = True) -> list[str]:
+    """Run ``names`` in ``mode``; print and write the summary; return the names that failed."""
+    folder = find_benchmarks()
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    common = importlib.import_module("_common")
+    out = common.default_out(mode) if out is None else out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    failed: list[str] = []
+    for name in names:
+        print(f"\n=== {name} ({mode}) ===", flush=True)
+        if mode == "full":
+            cmd = [sys.executable, str(folder / f"{name}.py"), "--out", str(out)] + ([] if chart else ["--no-chart"])
+            if subprocess.run(cmd, check=False).returncode != 0:
+                failed.append(name)
+            continue
+        try:
+            importlib.import_module(name).run(mode, out, chart=chart)
+        except Exception as exc:  # one broken benchmark must not hide the others' figures
+            print(f"steplog bench: {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed.append(name)
+    if "contenders" in sys.modules:
+        sys.modules["contenders"].shutdown()
+    if mode == "full":
+        for name, extra in _OTHERS.items():
+            script = folder / f"{name}.py"
+            if script.is_file():
+                print(f"\n=== {name} (another issue's benchmark, run as is) ===", flush=True)
+                if subprocess.run([sys.executable, str(script), *extra], check=False).returncode != 0:
+                    failed.append(name)
+    _summarize(names, out, mode, time.perf_counter() - started, common)
+    return failed
+
+
+def _summarize(names: list[str], out: Path, mode: str, seconds: float, common: Any) -> None:
+    """Print the targets of every script that wrote results, and write summary.json and summary.md."""
+    results: dict[str, Any] = {}
+    for name in names:
+        path = out / f"{name}.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text(encoding="utf-8"))
+    targets = [dict(t, benchmark=name) for name, r in results.items() for t in r.get("targets", [])]
+    machine = common.machine()
+    summary = {"mode": mode, "seconds": seconds, "machine": machine, "targets": targets, "benchmarks": list(results)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    header = (
+        f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), {machine['platform']}, "
+        f"Python {machine['python']}; load average at start {machine['load_1min_at_start']:.1f}. "
+        f"Mode: {mode}; {seconds:.0f} s."
+    )
+    rows = [(t["figure"], t["text"], t["target"], "met" if t["ok"] else "MISSED") for t in targets]
+    table = common.table(["target", "measured", "goal", ""], rows)
+    sections = [f"# steplog benchmarks ({time.strftime('%Y-%m-%d', time.gmtime())})", header, "## Targets", table]
+    for name, result in results.items():
+        module = sys.modules.get(name) or importlib.import_module(name)
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            module._print(result)
+        sections.append(buffer.getvalue().strip())
+    (out / "summary.md").write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    print(f"\n=== summary ({mode}, {seconds:.0f} s) ===\n{header}\n\n{table}\n\nwritten: {out}")
