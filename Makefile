@@ -31,10 +31,14 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-bench: $(VENV)/.installed-test
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-core
+
+bench: $(VENV)/.installed-bench
 	$(BIN)/steplog bench
 
-bench-quick: $(VENV)/.installed-test
+bench-quick: $(VENV)/.installed-bench
 	$(BIN)/steplog bench --quick
 
 clean:

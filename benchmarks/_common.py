@@ -171,7 +171,9 @@ def write_results(
     return path
 
 
-def bar_chart(ax: Any, labels: Sequence[str], values: Sequence[float], *, title: str, xlabel: str, log: bool = True) -> None:
+def bar_chart(
+    ax: Any, labels: Sequence[str], values: Sequence[float], *, title: str, xlabel: str, log: bool = True
+) -> None:
     """Horizontal bars, steplog highlighted, log scale by default (the contenders span decades)."""
     shown = [(lab, v) for lab, v in zip(labels, values, strict=True) if v is not None and not math.isnan(v) and v > 0]
     if not shown:

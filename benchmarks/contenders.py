@@ -210,10 +210,10 @@ class TrackioLogger:
         root.mkdir(parents=True, exist_ok=True)
         os.environ["TRACKIO_DIR"] = str(root)
         with contextlib.redirect_stdout(io.StringIO()):
-            import trackio
-
             # trackio reads TRACKIO_DIR once at import: point every module holding it at this run's root
             import sys
+
+            import trackio
 
             for name, module in list(sys.modules.items()):
                 if name.startswith("trackio") and hasattr(module, "TRACKIO_DIR"):
@@ -265,7 +265,9 @@ MLFLOW_ASYNC_BUFFERED = Contender(
     needs=("mlflow",),
     cost=300,
 )
-TENSORBOARDX = Contender("tensorboardX", "SummaryWriter.add_scalar", TensorboardXLogger, needs=("tensorboardX",), cost=40)
+TENSORBOARDX = Contender(
+    "tensorboardX", "SummaryWriter.add_scalar", TensorboardXLogger, needs=("tensorboardX",), cost=40
+)
 WANDB = Contender("wandb offline", "wandb.init(mode='offline'); run.log", WandbLogger, needs=("wandb",), cost=300)
 TRACKIO = Contender("trackio", "trackio.init (local SQLite); trackio.log", TrackioLogger, needs=("trackio",), cost=15)
 

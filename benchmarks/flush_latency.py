@@ -23,8 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as c  # noqa: E402
-import contenders as cs  # noqa: E402
+import _common as c
+import contenders as cs
 
 NAME = "flush_latency"
 TITLE = "Flush latency: step boundary -> the step's line is in the file"
@@ -115,7 +115,9 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
     )
     chosen = (steplog_x, cs.NAIVE, cs.BUFFERED, cs.MLFLOW_ASYNC, cs.MLFLOW_ASYNC_BUFFERED)
     usable, notes = cs.available(chosen)
-    notes.append("tensorboardX is left out: its event files are binary and it flushes every flush_secs (120 s by default)")
+    notes.append(
+        "tensorboardX is left out: its event files are binary and it flushes every flush_secs (120 s by default)"
+    )
     lat: dict[str, dict[str, list[float]]] = {r: {x.name: [] for x in usable} for r in regimes}
     with tempfile.TemporaryDirectory(prefix="steplog-bench-") as tmp:
         for r in range(rounds):
@@ -142,7 +144,15 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
         if row["name"] == "steplog":
             for regime in regimes:
                 p99 = row[regime]["p99_ms"]
-                targets.append(c.target(f"flush latency p99, {regime}", p99, f"≤ {limit:.0f} ms (flush_interval + 20 ms)", p99 <= limit, f"{p99:.1f} ms"))
+                targets.append(
+                    c.target(
+                        f"flush latency p99, {regime}",
+                        p99,
+                        f"≤ {limit:.0f} ms (flush_interval + 20 ms)",
+                        p99 <= limit,
+                        f"{p99:.1f} ms",
+                    )
+                )
     result = {
         "title": TITLE,
         "mode": mode,

@@ -285,6 +285,50 @@ def check_exact(device: str, forced: bool = False) -> str:
     return f"bit-exact ({how}, {len(got)} values)" if got == want else f"MISMATCH ({how}): values differ"
 
 
+def cpu_cost(device: str, forced: bool = False, steps: int = 250, repeats: int = 7) -> str:
+    """CPU time per value (thread time, so a loaded machine disturbs it less) of steplog's two halves.
+
+    The log call's conversion (the value hook) on the logging thread, and the writer's
+    resolution (gather, stack, copy start, then the floats put in place) for 20 scalar
+    tensors a step; the wait for the device is left out (it is not CPU work).
+    """
+    if STEPLOG is None:
+        return f"not measured: {STEPLOG_MISSING}"
+    from steplog._tensors import DeviceValues, defer_cpu_tensors
+
+    tensors = [torch.randn((), device=device) for _ in range(20)]
+    keys = [f"m{i:02d}" for i in range(20)]
+    hot: list[float] = []
+    writer: list[float] = []
+    for _ in range(repeats):
+        values = DeviceValues(flush_interval=0.0, max_outstanding=10**9)
+        if forced:
+            defer_cpu_tensors(values)
+        cols: dict[str, list[Any]] = {k: [] for k in keys}
+        c0 = time.thread_time()
+        for step in range(steps):
+            for key, t in zip(keys, tensors, strict=True):
+                cols[key] += (0, values.convert(key, t), step)
+        c1 = time.thread_time()
+        work = list(cols.items())
+        values._seal(work, force=True)
+        c2 = time.thread_time()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        c3 = time.thread_time()
+        values._poll()
+        values._substitute(work, block=True)
+        c4 = time.thread_time()
+        n = steps * len(keys)
+        hot.append((c1 - c0) / n)
+        writer.append((c2 - c1 + c4 - c3) / n)
+    how = "deferred" if values.keys else "plain path"
+    return (
+        f"{statistics.median(hot) * 1e6:.2f} µs per value in the log call, "
+        f"{statistics.median(writer) * 1e6:.2f} µs per value in the writer ({how}; median of {repeats})"
+    )
+
+
 def measure(model: Model, logger: Logger, steps: int, warmup: int, sync: Callable[[], None]) -> tuple[float, float]:
     """Seconds per step with this logger (its flush at the end included), and seconds per step in its calls."""
     for step in range(warmup):
@@ -383,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"steplog values vs float(t.item()): {check_exact(args.device)}")
     if not cuda:
         print(f"steplog values vs float(t.item()), forced deferral: {check_exact(args.device, forced=True)}")
+    print(f"steplog CPU cost: {cpu_cost(args.device)}")
+    if not cuda:
+        print(f"steplog CPU cost, forced deferral: {cpu_cost(args.device, forced=True)}")
     if STEPLOG is None:
         print(f"steplog rows skipped: {STEPLOG_MISSING}")
     results = [

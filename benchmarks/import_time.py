@@ -20,8 +20,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as c  # noqa: E402
-import contenders as cs  # noqa: E402
+import _common as c
+import contenders as cs
 
 NAME = "import_time"
 TITLE = "Import time (fresh interpreter, start-up excluded)"
@@ -85,7 +85,10 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
 
 def _print(result: dict[str, Any]) -> None:
     print(f"\n## {result['title']} ({result['mode']}, {result['rounds']} rounds, median (min-max))\n")
-    rows = [[r["name"], c.fmt(r["ms"]["median"]), f"{c.fmt(r['ms']['min'])}-{c.fmt(r['ms']['max'])}"] for r in result["rows"]]
+    rows = [
+        [r["name"], c.fmt(r["ms"]["median"]), f"{c.fmt(r['ms']['min'])}-{c.fmt(r['ms']['max'])}"]
+        for r in result["rows"]
+    ]
     print(c.table(["import", "ms", "min-max"], rows))
     for note in result["notes"]:
         print(f"note: {note}")
@@ -94,7 +97,13 @@ def _print(result: dict[str, Any]) -> None:
 
 def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
     def draw(ax: Any) -> None:
-        c.bar_chart(ax, [r["name"] for r in rows], [r["ms"]["median"] for r in rows], title=TITLE + " (log scale)", xlabel="ms (median)")
+        c.bar_chart(
+            ax,
+            [r["name"] for r in rows],
+            [r["ms"]["median"] for r in rows],
+            title=TITLE + " (log scale)",
+            xlabel="ms (median)",
+        )
 
     return draw
 

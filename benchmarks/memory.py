@@ -29,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as c  # noqa: E402
-import contenders as cs  # noqa: E402
+import _common as c
+import contenders as cs
 
 NAME = "memory"
 TITLE = "Memory: bytes per buffered record (writer stalled), and RSS of a logging process"
@@ -180,7 +180,9 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
     b = per_record["20 keys per step"]["steplog"]
     targets = [c.target("memory per buffered record (20 keys per step)", b, "≤ 64 bytes", b <= 64, f"{b:.1f} bytes")]
     b1 = per_record["1 key per step"]["steplog"]
-    targets.append(c.target("memory per buffered record (1 key per step)", b1, "≤ 64 bytes", b1 <= 64, f"{b1:.1f} bytes"))
+    targets.append(
+        c.target("memory per buffered record (1 key per step)", b1, "≤ 64 bytes", b1 <= 64, f"{b1:.1f} bytes")
+    )
     result = {
         "title": TITLE,
         "mode": mode,
@@ -213,7 +215,14 @@ def _print(result: dict[str, Any]) -> None:
 
 def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
     def draw(ax: Any) -> None:
-        c.bar_chart(ax, [r["name"] for r in rows], [r["peak_mib"] for r in rows], title="Peak RSS of a logging process", xlabel="MiB", log=False)
+        c.bar_chart(
+            ax,
+            [r["name"] for r in rows],
+            [r["peak_mib"] for r in rows],
+            title="Peak RSS of a logging process",
+            xlabel="MiB",
+            log=False,
+        )
 
     return draw
 

@@ -161,14 +161,17 @@ def mlflow_async(url: str, client: Any, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def run(mode: str, out: Path, chart: bool, url: str | None) -> dict[str, Any]:
+def run(
+    mode: str = "full", out: Path | None = None, chart: bool = True, url: str | None = None, rounds: int | None = None
+) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
-    rounds = c.pick(mode, 1, 3, 5)
-    n_big = c.pick(mode, 2000, 20_000, 50_000)
-    n_small = c.pick(mode, 50, 200, 500)
+    rounds = rounds or c.pick(mode, 1, 3, 7)
+    n_big = c.pick(mode, 2000, 20_000, 30_000)
+    n_small = c.pick(mode, 50, 200, 300)
+    out = c.default_out(mode) if out is None else out
     with tempfile.TemporaryDirectory(prefix="steplog-bench-rest-") as tmp:
         root = Path(tmp)
         server = None if url else Server(root)
@@ -205,9 +208,14 @@ def run(mode: str, out: Path, chart: bool, url: str | None) -> dict[str, Any]:
     print(
         f"\nsteplog hot path: {hot_rest:.0f} ns/call streaming to the server, {hot_local:.0f} ns/call to a local store"
     )
-    ratio = medians["steplog"] / raw
+    # the server's speed drifts (other load, a growing database): compare within each round
+    paired = [s / r for s, r in zip(rates["steplog"], rates["raw httpx (1000-metric log-batch)"], strict=True)]
+    ratio = c.summary(paired)["median"]
+    print(f"steplog / raw httpx, per round: {', '.join(f'{x:.2f}' for x in paired)}; median {ratio:.2f}")
     targets = [
-        c.target("steplog vs raw ceiling", ratio, ">= 0.90", ratio >= 0.90, f"{ratio:.2f}"),
+        c.target(
+            "steplog vs raw ceiling (median of per-round ratios)", ratio, ">= 0.90", ratio >= 0.90, f"{ratio:.2f}"
+        ),
     ]
     c.print_targets(targets)
     result = {
@@ -216,6 +224,7 @@ def run(mode: str, out: Path, chart: bool, url: str | None) -> dict[str, Any]:
         "rounds": rounds,
         "rates": rates,
         "medians": medians,
+        "steplog_vs_raw_per_round": paired,
         "hot_path_ns": {"rest": hot_rest, "local": hot_local},
         "targets": targets,
         "versions": c.versions("mlflow", "httpx", "steplog"),
@@ -235,11 +244,12 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--quick", action="store_true", help="fewer rounds and points")
     group.add_argument("--smoke", action="store_true", help="tiny sizes: checks that everything runs")
     parser.add_argument("--url", help="use this running server instead of starting one")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default: 1 smoke, 3 quick, 7 full)")
     parser.add_argument("--out", type=Path, default=None, help="where to write JSON and PNG")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    run(mode, args.out or c.default_out(mode), not args.no_chart, args.url)
+    run(mode, args.out or c.default_out(mode), not args.no_chart, args.url, args.rounds)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,9 @@ def tree(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-def check_refused(run: steplog.Run, workdir: Path, call: Call, types: tuple[type[BaseException], ...], parts: tuple[str, ...]) -> None:
+def check_refused(
+    run: steplog.Run, workdir: Path, call: Call, types: tuple[type[BaseException], ...], parts: tuple[str, ...]
+) -> None:
     with pytest.raises(types[0]) as caught:
         call(run, workdir)
     for kind in types:

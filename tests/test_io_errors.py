@@ -8,6 +8,7 @@ mount one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -102,7 +103,7 @@ def test_transient_write_error_surfaces_then_loses_nothing(store: Path, failing_
         stats = run.stats()
         assert 10 == stats.queued
         assert stats.errors >= 1
-        assert stats.last_error is not None and str(path) in stats.last_error
+        assert str(path) in str(stats.last_error)
         failing_writes.failing = False
         run.flush()  # the retry writes the kept records
         assert 0 == run.stats().queued
@@ -171,10 +172,9 @@ def fill(folder: Path) -> Path:
     filler = folder / f"filler-{uuid.uuid4().hex}"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert errno.ENOSPC == exc.errno
+        with pytest.raises(OSError, match="No space left on device"):  # noqa: PT012 - write until the disk is full
+            while True:
+                os.write(fd, b"\0" * 4096)
     finally:
         os.close(fd)
     return filler
@@ -255,8 +255,9 @@ def test_close_with_stuck_sink_is_bounded_and_names_the_unwritten(mode: str) -> 
 async def test_async_close_with_stuck_sink_is_bounded() -> None:
     """``async with`` over a stuck sink: aflush/aclose time out naming what is unwritten instead of hanging."""
     sink = StuckSink("async")
-    with pytest.raises(FlushTimeoutError) as caught:
-        async with steplog.start_run("stuck", sinks=[sink], handle_signals=False, close_timeout=0.3) as run:
+    run = steplog.start_run("stuck", sinks=[sink], handle_signals=False, close_timeout=0.3)
+    with pytest.raises(FlushTimeoutError) as caught:  # noqa: PT012 - the error comes from leaving the block
+        async with run:
             run.log_metric("loss", 1.0, step=0)
             with pytest.raises(FlushTimeoutError, match="'loss': 1"):
                 await run.aflush(timeout=0.2)
@@ -285,10 +286,8 @@ async def test_flaky_sink_is_retried_in_order_async() -> None:
         for step in range(50):
             run.log_metric("loss", float(step), step=step)
             if step % 10 == 9:
-                try:
+                with contextlib.suppress(WriteError):  # the first barriers meet the injected failures
                     await run.aflush()
-                except WriteError as exc:
-                    assert "injected I/O error" in str(exc)
     assert list(range(50)) == sink.steps("loss")
     stats = run.stats()
     assert (3, 50, 0) == (stats.errors, stats.written, stats.queued)

@@ -172,6 +172,20 @@ def test_any_floats_read_back_bit_exactly(values: list[float], start: int, tmp_p
     assert [start + i for i in range(len(values))] == [m.step for m in history]
 
 
+def test_more_keys_than_open_file_handles(store: Path) -> None:
+    """With more metric keys than the sink keeps open, files are closed and reopened and every point still lands."""
+    keys = [f"layer{i:03d}/grad_norm" for i in range(300)]  # the sink keeps 128 files open
+    with steplog.start_run("many keys", tracking_uri=store) as run:
+        for step in range(4):
+            run.log_metrics({key: step + i / 1000 for i, key in enumerate(keys)}, step=step)
+            run.flush()
+    client = MlflowClient(tracking_uri=store.as_uri())
+    assert set(keys) == set(client.get_run(run.run_id).data.metrics)
+    for i in (0, 127, 128, 299):
+        history = client.get_metric_history(run.run_id, keys[i])
+        assert [(s, s + i / 1000) for s in range(4)] == [(m.step, m.value) for m in history]
+
+
 # --------------------------------------------------------------------------- store-level interop
 
 
@@ -340,3 +354,11 @@ def test_artifact_paths_cannot_escape_the_run(artifact_path: str, store: Path, t
             run.log_text("x", artifact_path)
         with pytest.raises(steplog.InvalidValueError, match="does not exist"):
             run.log_artifact(tmp_path / "missing.txt")
+
+
+def test_renaming_through_the_run_name_tag(store: Path) -> None:
+    """Setting the mlflow.runName tag renames the run in meta.yaml too, as MLflow does, so both agree."""
+    with steplog.start_run("rename", run_name="before", tracking_uri=store) as run:
+        run.set_tag("mlflow.runName", "after")
+    got = MlflowClient(tracking_uri=store.as_uri()).get_run(run.run_id)
+    assert ("after", "after") == (got.info.run_name, got.data.tags["mlflow.runName"])

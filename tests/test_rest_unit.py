@@ -7,6 +7,7 @@ that loses the answer to ``runs/create``, one that refuses a request).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -481,3 +482,42 @@ def test_emergency_path_writes_the_journal_without_network(tmp_path: Path) -> No
     assert ["batch", "end"] == [op["op"] for op in ops]
     assert [0, 1, 2] == [m["step"] for m in ops[0]["body"]["metrics"]]
     assert {"op": "end", "status": "KILLED", "end_time": 99} == ops[1]
+
+
+def test_a_torn_journal_tail_is_cut_back_on_reopen(tmp_path: Path) -> None:
+    """A crash mid-append leaves a partial last line; reopening the journal cuts it; replay sees whole lines only."""
+    journal = Journal.create(tmp_path, {"run_id": "r1", "tracking_uri": URL})
+    journal.append([journal.batch_line(b'{"run_id":"r1","metrics":[]}', 0), journal.end_line("FINISHED", 5)])
+    journal.close()
+    with open(tmp_path / "r1" / "journal.jsonl", "ab") as f:
+        f.write(b'{"op":"batch","points":3,"bo')  # the torn tail of a crashed append
+    reopened = Journal.create(tmp_path, {"run_id": "r1", "tracking_uri": URL})
+    ops = [op["op"] for _, op in reopened.pending()]
+    reopened.close()
+    assert ["batch", "end"] == ops
+    assert (tmp_path / "r1" / "journal.jsonl").read_bytes().endswith(b"\n")
+    assert "r1" == reopened.header["run_id"]
+
+
+def test_an_artifact_the_server_cannot_take_does_not_stall_the_rest(tmp_path: Path) -> None:
+    """With artifacts not served by the server, later metrics still arrive, and close names the fix."""
+    server = FakeServer()
+
+    def s3_artifacts(request: httpx.Request) -> httpx.Response | None:
+        if not request.url.path.endswith("/runs/create"):
+            return None
+        response = server.handle(request)
+        info = response.json()["run"]["info"]
+        info["artifact_uri"] = "s3://bucket/run/artifacts"
+        return httpx.Response(200, json={"run": {"info": info}})
+
+    server.fail_next = [lambda r: None, lambda r: None, s3_artifacts]
+    run = steplog.start_run("exp", sinks=[_sink(server, tmp_path)])
+    run.log_text("x", "a.txt")
+    with contextlib.suppress(steplog.WriteError):  # raised here too when the barrier's own write met the refusal
+        run.flush()
+    run.log_metric("after", 1.0, step=1)
+    with pytest.raises(steplog.WriteError) as info:
+        run.close()
+    assert [1] == server.steps("after")
+    assert "--serve-artifacts" in str(info.value)

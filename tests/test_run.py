@@ -237,6 +237,35 @@ async def test_records_logged_before_astart_are_written(store: Path, anyio_backe
 
 
 @pytest.mark.anyio
+async def test_sync_with_inside_a_running_loop(store: Path, anyio_backend: str) -> None:
+    """A plain ``with`` inside async code (a notebook cell, say) hosts the writer on its own thread and works."""
+    with steplog.start_run("sync in loop", tracking_uri=store) as run:
+        run.log_metric("x", 1.0, step=0)
+        run.flush()
+        assert [1.0] == steplog.Store(store).metric_history(run.run_id, "x").values
+        run.log_metric("x", 2.0, step=1)
+    client = MlflowClient(tracking_uri=store.as_uri())
+    assert "FINISHED" == client.get_run(run.run_id).info.status
+    assert [1.0, 2.0] == [m.value for m in client.get_metric_history(run.run_id, "x")]
+
+
+@pytest.mark.anyio
+async def test_a_run_never_entered_is_written_at_close(store: Path, anyio_backend: str) -> None:
+    """A run created inside an event loop (as in a notebook) and closed without being entered still writes
+    what was logged: close() starts a writer thread, aclose() a writer task, instead of dropping it."""
+    sync_run = steplog.start_run("never entered", tracking_uri=store)
+    sync_run.log_metric("x", 1.0)
+    sync_run.close()
+    async_run = steplog.start_run("never entered", tracking_uri=store)
+    async_run.log_metric("x", 2.0)
+    await async_run.aclose("KILLED")
+    client = MlflowClient(tracking_uri=store.as_uri())
+    for run, value, status in [(sync_run, 1.0, "FINISHED"), (async_run, 2.0, "KILLED")]:
+        assert status == client.get_run(run.run_id).info.status
+        assert [value] == [m.value for m in client.get_metric_history(run.run_id, "x")]
+
+
+@pytest.mark.anyio
 async def test_astart_then_aclose_without_context_manager(store: Path, anyio_backend: str) -> None:
     """``await run.astart()`` … ``await run.aclose()`` is the async no-context-manager face."""
     run = await steplog.start_run("manual", tracking_uri=store).astart()

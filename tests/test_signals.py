@@ -32,7 +32,8 @@ def run_child(
         args.append("--no-steplog")
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stdin is not None
         line = proc.stdout.readline()
         if line.startswith("ready") and signum is not None:
             proc.send_signal(signum)
@@ -59,25 +60,25 @@ def read_run(store: Path) -> tuple[Any, list[int], list[int]]:
     return run, loss, acc
 
 
-T, I = signal.SIGTERM, signal.SIGINT
+T, INT = signal.SIGTERM, signal.SIGINT
 
 # (hosting, user handler, signal, expected status, steps expected on disk, tell the child to go on)
 SCENARIOS = [
     pytest.param("with", "default", T, "KILLED", STEPS, False, id="with-sigterm"),
-    pytest.param("with", "default", I, "KILLED", STEPS, False, id="with-sigint"),
+    pytest.param("with", "default", INT, "KILLED", STEPS, False, id="with-sigint"),
     pytest.param("bare", "default", T, "KILLED", STEPS, False, id="bare-sigterm"),
-    pytest.param("bare", "default", I, "KILLED", STEPS, False, id="bare-sigint"),
+    pytest.param("bare", "default", INT, "KILLED", STEPS, False, id="bare-sigint"),
     pytest.param("asyncio", "default", T, "KILLED", STEPS, False, id="asyncio-sigterm"),
-    pytest.param("asyncio", "default", I, "KILLED", STEPS, False, id="asyncio-sigint"),
+    pytest.param("asyncio", "default", INT, "KILLED", STEPS, False, id="asyncio-sigint"),
     pytest.param("trio", "default", T, "KILLED", STEPS, False, id="trio-sigterm"),
-    pytest.param("trio", "default", I, "KILLED", STEPS, False, id="trio-sigint"),
+    pytest.param("trio", "default", INT, "KILLED", STEPS, False, id="trio-sigint"),
     pytest.param("with", "exit42", T, "KILLED", STEPS, False, id="with-user-handler-exits"),
     pytest.param("bare", "exit42", T, "KILLED", STEPS, False, id="bare-user-handler-exits"),
     pytest.param("asyncio", "exit42", T, "KILLED", STEPS, False, id="asyncio-user-handler-exits"),
     pytest.param("with", "flag", T, "KILLED", STEPS + 1, False, id="with-user-handler-graceful"),
     pytest.param("bare", "flag", T, "KILLED", STEPS + 1, False, id="bare-user-handler-graceful"),
     pytest.param("with", "ignore", T, "FINISHED", STEPS + 1, True, id="with-sigterm-ignored"),
-    pytest.param("bare", "ignore", I, "FINISHED", STEPS + 1, True, id="bare-sigint-ignored"),
+    pytest.param("bare", "ignore", INT, "FINISHED", STEPS + 1, True, id="bare-sigint-ignored"),
     pytest.param("asyncio", "ignore", T, "FINISHED", STEPS + 1, True, id="asyncio-sigterm-ignored"),
 ]
 

@@ -212,6 +212,8 @@ def test_history_views(stores: dict[str, Any]) -> None:
     assert history.steps == frame["step"].tolist()
     assert isinstance(frame, pd.DataFrame)
     assert "<History 'acc/top1': 200 points>" == repr(history)
+    store = Store(root)
+    assert history.values == store.metric_history(store.get_run(ids["baseline"]), "acc/top1").values
 
 
 def test_run_ids_resolve_by_unique_prefix(tmp_path: Path) -> None:

@@ -92,16 +92,18 @@ def run_suite(names: list[str], *, mode: str, out: Path | None = None, chart: bo
     failed: list[str] = []
     for name in names:
         print(f"\n=== {name} ({mode}) ===", flush=True)
+        t0 = time.perf_counter()
         if mode == "full":
             cmd = [sys.executable, str(folder / f"{name}.py"), "--out", str(out)] + ([] if chart else ["--no-chart"])
             if subprocess.run(cmd, check=False).returncode != 0:
                 failed.append(name)
-            continue
-        try:
-            importlib.import_module(name).run(mode, out, chart=chart)
-        except Exception as exc:  # one broken benchmark must not hide the others' figures
-            print(f"steplog bench: {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            failed.append(name)
+        else:
+            try:
+                importlib.import_module(name).run(mode, out, chart=chart)
+            except Exception as exc:  # one broken benchmark must not hide the others' figures
+                print(f"steplog bench: {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                failed.append(name)
+        print(f"({name}: {time.perf_counter() - t0:.1f} s)", flush=True)
     if "contenders" in sys.modules:
         sys.modules["contenders"].shutdown()
     if mode == "full":
@@ -116,9 +118,13 @@ def run_suite(names: list[str], *, mode: str, out: Path | None = None, chart: bo
 
 
 def _summarize(names: list[str], out: Path, mode: str, seconds: float, common: Any) -> None:
-    """Print the targets of every script that wrote results, and write summary.json and summary.md."""
+    """Print the targets of every script with results in ``out``, and write summary.json and summary.md.
+
+    Results from earlier runs of the scripts not run this time (``--only``) are included too,
+    each with the time it was measured.
+    """
     results: dict[str, Any] = {}
-    for name in names:
+    for name in SUITE:
         path = out / f"{name}.json"
         if path.is_file():
             results[name] = json.loads(path.read_text(encoding="utf-8"))
@@ -132,6 +138,9 @@ def _summarize(names: list[str], out: Path, mode: str, seconds: float, common: A
         f"Mode: {mode}; {seconds:.0f} s."
     )
     rows = [(t["figure"], t["text"], t["target"], "met" if t["ok"] else "MISSED") for t in targets]
+    when = ", ".join(f"{name} {r.get('when', '?')}" for name, r in results.items() if name not in names)
+    if when:
+        header += f" From earlier runs: {when}."
     table = common.table(["target", "measured", "goal", ""], rows)
     sections = [f"# steplog benchmarks ({time.strftime('%Y-%m-%d', time.gmtime())})", header, "## Targets", table]
     for name, result in results.items():

@@ -257,7 +257,7 @@ def _show(args: argparse.Namespace) -> int:
     else:
         rows = []
         for key in run.metric_keys:
-            history = store.metric_history(run.run_id, key)
+            history = store.metric_history(run, key)
             point = history.latest()
             if point is None:
                 rows.append([key, "-", "-", "0"])
@@ -293,7 +293,7 @@ def _plot(args: argparse.Namespace) -> int:
         for run in runs:
             if key not in run.metric_keys:
                 print(f"note: run {run.run_id[:8]} has no metric {key!r}", file=sys.stderr)
-        histories[key] = [(r, store.metric_history(r.run_id, key)) for r in having]
+        histories[key] = [(r, store.metric_history(r, key)) for r in having]
 
     try:  # after the arguments are checked: matplotlib takes a second to import
         import numpy as np

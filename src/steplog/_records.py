@@ -56,6 +56,9 @@ class Stats:
     errors: int
     last_error: str | None
     blocking_reads: int = 0
+    """Device tensor values (CUDA, JAX) read with a blocking copy at the log call, because
+    the most values allowed to wait on the device were waiting (see the README's GPU section).
+    ``dropped`` also counts device values modified in place before they could be read."""
 
 
 class MetricPoint(NamedTuple):

@@ -386,6 +386,10 @@ class Run:
         """
         final = _status(status)
         timeout = self._options.close_timeout if timeout is None else timeout
+        if self._state == "new" and os.getpid() == self._pid:
+            # created inside an event loop (a notebook, say) and never entered: write what was
+            # logged through a writer thread, as outside a loop, rather than drop it
+            self._start_threaded()
         if not self._begin_close():
             return
         if self._host is not None:
@@ -418,6 +422,8 @@ class Run:
         """Like :meth:`close`, without blocking the event loop."""
         final = _status(status)
         timeout = self._options.close_timeout if timeout is None else timeout
+        if self._state == "new" and os.getpid() == self._pid:
+            await self.astart()  # never entered: start the writer here so that what was logged is written
         if not self._begin_close():
             if self._task_group_left_open and self._state == "closed" and self._stack is not None:
                 self._task_group_left_open = False  # closed from another thread: exit the task group here
@@ -443,7 +449,7 @@ class Run:
         assert host is not None
         stuck = False
         try:
-            _bounded(lambda: host.call(self._finish, status, timeout, timeout=timeout + 5.0), timeout + 5.5)
+            _bounded(lambda: host.call(self._finish, status, timeout, timeout=timeout + 5.0), timeout + 2.0)
         except TimeoutError:
             stuck = True
             raise self._writer.timeout_error("close()", timeout) from None

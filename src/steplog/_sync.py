@@ -84,6 +84,10 @@ async def sync(
         if journals:
             return [await _sync_journal(client, folder, timeout) for folder in journals]
         return await _sync_store(client, path, experiment, run_ids, timeout)
+    except OSError as exc:  # an unreadable file of the source: one line, not a traceback
+        if isinstance(exc, StepLogError):
+            raise
+        raise StepLogError(f"cannot read {exc.filename or path}: {exc.strerror or exc}") from exc
     finally:
         with anyio.CancelScope(shield=True):
             await client.aclose()

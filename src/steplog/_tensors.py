@@ -346,10 +346,17 @@ class DeviceValues:
 
     # ------------------------------------------------------------------ the writer
 
-    async def resolve(self, metrics: list[tuple[str, list[Any]]], *, wait: bool) -> list[tuple[str, list[Any]]]:
+    async def resolve(
+        self,
+        metrics: list[tuple[str, list[Any]]],
+        *,
+        wait: bool,
+        on_hold: Callable[[], object] | None = None,
+    ) -> list[tuple[str, list[Any]]]:
         """Replace placeholders by floats; hold back each key's records from its first value in flight.
 
-        With ``wait`` (a barrier or close) every value is copied and waited for, so nothing is held.
+        With ``wait`` (a barrier or close) every value is copied and waited for, so nothing is held;
+        ``on_hold`` is called when the records are held for that wait (so the writer counts them).
         """
         work = self._merge(metrics)
         if self._inflight:
@@ -360,6 +367,8 @@ class DeviceValues:
             # hold everything while waiting, so a barrier that times out (is cancelled) loses nothing
             self._held = dict(work)
             self.held_points = sum(len(items) for _key, items in work) // 3
+            if on_hold is not None:
+                on_hold()
             while self._inflight or self._jax_waiting(work):
                 await anyio.sleep(_POLL_S)
                 self._poll()
@@ -466,30 +475,40 @@ class DeviceValues:
         return False
 
     def _substitute(self, work: list[tuple[str, list[Any]]], *, block: bool) -> list[tuple[str, list[Any]]]:
+        """Put the floats in place of the placeholders (in the drained lists, which the writer owns)."""
         keys = self.keys
         out: list[tuple[str, list[Any]]] = []
+        read = 0
         for key, items in work:
             if key not in keys:
                 out.append((key, items))
                 continue
-            ready: list[Any] = []
+            dropped = False
             n = len(items)
-            for i in range(0, n, 3):
-                v = items[i + 1]
+            for i in range(1, n, 3):
+                v = items[i]
                 if v.__class__ is list:
+                    copy = v[1]
+                    if copy.__class__ is _Copy and v[0] is None and copy.values is not None:
+                        items[i] = copy.values[v[2]]  # the common case, inlined
+                        read += 1
+                        continue
                     value = self._value_of(v, block)
                     if value is _WAIT:
-                        self._held[key] = items[i:]
-                        self.held_points += (n - i) // 3
+                        self._held[key] = items[i - 1 :]
+                        self.held_points += (n - i + 1) // 3
+                        del items[i - 1 :]
                         break
-                    self._read += 1
-                    if value is None:  # dropped: modified in place before it was read
+                    read += 1
+                    if value is None:  # modified in place before it was read
                         self.dropped += 1
-                        continue
-                    v = value
-                ready += (items[i], v, items[i + 2])
-            if ready:
-                out.append((key, ready))
+                        dropped = True
+                    items[i] = value
+            if dropped:
+                items = [x for j in range(0, len(items), 3) if items[j + 1] is not None for x in items[j : j + 3]]
+            if items:
+                out.append((key, items))
+        self._read += read
         return out
 
     @staticmethod

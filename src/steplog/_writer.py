@@ -205,7 +205,9 @@ class Writer:
         metrics, events = self._buffer.drain()
         deferred = self.deferred
         if deferred is not None and deferred.keys:  # device values become floats before sinks see them
-            metrics = await deferred.resolve(metrics, wait=force)
+            metrics = await deferred.resolve(
+                metrics, wait=force, on_hold=lambda: self._buffer.set_pending(self._pending_count())
+            )
         if metrics or events:
             work = self._make_work(metrics, events)
             self._pending.append(work)

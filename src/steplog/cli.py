@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "steplog._sync",
     "steplog._commands",
     "steplog._bench",
+    "steplog._fsck",
 )
 
 

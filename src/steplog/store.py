@@ -440,13 +440,18 @@ class Store:
         folder = self._find_run_dir(run_id) / "metrics"
         return sorted(key for key, _ in iter_files(folder)) if folder.is_dir() else []
 
-    def metric_history(self, run_id: str, key: str) -> History:
+    def metric_history(self, run_id: str | RunData, key: str) -> History:
         """The full history of one metric, in logged (file) order.
+
+        Args:
+            run_id: a run id, a unique prefix of one, or a :class:`RunData` this store returned
+                (which saves looking the run up again).
+            key: the metric key (``/`` for nested keys, as logged).
 
         Raises:
             StoreError: no such run or metric (the message lists the run's metrics).
         """
-        run_dir = self._find_run_dir(run_id)
+        run_dir = run_id.path if isinstance(run_id, RunData) else self._find_run_dir(run_id)
         return _read_history(key, self._metric_file(run_dir, key))
 
     def _metric_file(self, run_dir: Path, key: str) -> Path:

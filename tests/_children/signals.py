@@ -96,7 +96,7 @@ def main() -> None:
                 # wait on a daemon thread, polled from the loop, so the loop stays free to take the signal
                 waiter = threading.Thread(target=wait_for_parent, daemon=True)
                 waiter.start()
-                while waiter.is_alive():
+                while waiter.is_alive():  # noqa: ASYNC110 - the waiter is a thread, no event to await
                     await anyio.sleep(0.01)
                 log_steps(run, STEPS, STEPS + 1)
 

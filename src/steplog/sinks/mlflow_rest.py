@@ -571,8 +571,9 @@ class MlflowRestSink:
         self._attempt = 0
         self._retry_at = 0.0
         self._outage_since: float | None = None
-        self._refused: list[ServerError] = []
-        self._unreported: list[ServerError] = []
+        self._closed = False
+        self._refused: list[StepLogError] = []
+        self._unreported: list[StepLogError] = []
         self.bytes_written = 0
         self.acknowledged_points = 0
         self.spilled_points = 0
@@ -669,6 +670,9 @@ class MlflowRestSink:
         Raises ServerError once for requests the server refused for good (they are not retried).
         """
         self._take(batch)
+        if self._backlog_points > self._max_buffer:
+            # past the memory allowance: to the journal (fsynced; off the event loop's thread)
+            await anyio.to_thread.run_sync(self._spill)
         if anyio.current_time() >= self._retry_at:
             await self._send_backlog()
         if self._unreported:
@@ -691,8 +695,6 @@ class MlflowRestSink:
         done.update(("param", k) for k, _ in rest.params)
         done.update(("tag", k) for k, _ in rest.tags)
         done.update(("artifact", a.artifact_path) for a in rest.artifacts)
-        if self._backlog_points > self._max_buffer:
-            self._spill()
 
     async def _send_backlog(self) -> bool:
         """Send the journal's pending lines, then the memory backlog, in order; False at the first transient failure."""
@@ -705,7 +707,7 @@ class MlflowRestSink:
                         await self._send(client.log_batch(orjson.dumps(op["body"])), int(op.get("points", 0)))
                     elif op["op"] == "artifact":
                         await self._send_artifact(self._journal.artifact_file(op["path"]), op["path"])
-                    self._journal.ack(offset)
+                    await anyio.to_thread.run_sync(self._journal.ack, offset)
                 self._journal.remove()
                 self._journal = None
             while self._backlog:
@@ -735,7 +737,7 @@ class MlflowRestSink:
         self.requests += 1
         try:
             await request
-        except ServerError as exc:
+        except StepLogError as exc:  # ServerError, or an artifact the server cannot take: not retried
             self._refused.append(exc)
             self._unreported.append(exc)
             log.error("steplog: %s (%d metric points not stored)", exc, points)
@@ -752,7 +754,14 @@ class MlflowRestSink:
     async def _send_artifact(self, source: Path, artifact_path: str) -> None:
         """Upload a file, or every file of a directory, under ``artifact_path``."""
         for file, dest in await anyio.to_thread.run_sync(artifact_files, source, artifact_path):
-            data = await anyio.Path(file).read_bytes()
+            try:
+                data = await anyio.Path(file).read_bytes()
+            except OSError as exc:  # gone or unreadable: retrying would stall everything behind it
+                error = StepLogError(f"cannot read artifact {dest!r} from {file}: {exc.strerror or exc}")
+                self._refused.append(error)
+                self._unreported.append(error)
+                log.error("steplog: %s", error)
+                continue
             await self._send(self._upload(dest, data), 0, len(data))
 
     async def _upload(self, path: str, data: bytes) -> None:
@@ -825,8 +834,9 @@ class MlflowRestSink:
         StepLogError names the ``steplog sync`` command that finishes the upload.
         """
         client = self._client
-        if client is None:
+        if client is None or self._closed:
             return
+        self._closed = True
         budget = _budget(anyio.current_effective_deadline(), self._request_timeout)
         ended = False
         try:
@@ -858,8 +868,8 @@ class MlflowRestSink:
             first = self._refused[0]
             raise ServerError(
                 f"the MLflow server refused {len(self._refused)} request(s) for good; the first: {first}",
-                status=first.status,
-                error_code=first.error_code,
+                status=getattr(first, "status", None),
+                error_code=getattr(first, "error_code", None),
             )
 
     def _left_in_journal_message(self) -> str:
@@ -880,8 +890,9 @@ class MlflowRestSink:
 
     def close_sync(self, status: RunStatus, end_time: int) -> None:
         """Emergency close (no event loop): record the end in the journal and say how to upload it."""
-        if self._info is None:
+        if self._info is None or self._closed:
             return
+        self._closed = True
         self._spill(end=(status, end_time))
         if self._journal is not None:
             self._journal.close()
@@ -898,4 +909,4 @@ def _budget(deadline: float, default: float) -> float:
     left = deadline - anyio.current_time()
     if math.isinf(left):
         return default
-    return max(0.05, min(left - 0.25, left * 0.9))
+    return max(0.05, min(left - 0.5, left * 0.8))
