@@ -76,6 +76,8 @@ def import_steplog() -> tuple[Any, str, bool]:
         sys.modules["orjson"] = stand_in
     try:
         import steplog
+
+        steplog.start_run  # noqa: B018 - the package imports its modules lazily: load them now
     except ImportError as exc:
         return None, f"steplog cannot be imported ({exc}); put anyio in benchmarks/.deps", have_orjson
     return steplog, "", have_orjson
@@ -220,6 +222,17 @@ class TensorBoard(Logger):
     def close(self) -> None:
         self.writer.close()
         self.dir.cleanup()
+
+
+def tensorboard_available() -> bool:
+    for module in ("tensorboard", "tensorboardX"):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        return True
+    print("tensorboard row skipped: neither tensorboard nor tensorboardX is installed")
+    return False
 
 
 class Steplog(Logger):
@@ -413,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[type[Logger]] = [NoLogging, ItemPerMetric, StackToList]
     if cuda:
         rows.append(NaiveDeferral)
-    rows.append(TensorBoard)
+    if tensorboard_available():
+        rows.append(TensorBoard)
     if STEPLOG is not None:
         rows.append(Steplog)
         if not cuda:

@@ -193,7 +193,8 @@ def _check_metric_file(path: Path, run_dir: Path, *, repair: bool) -> list[Findi
     seen: set[bytes] = set()
     bad: list[int] = []
     duplicates = 0
-    for number, line in enumerate(lines, start=1):
+    for number, padded in enumerate(lines, start=1):
+        line = padded.strip()  # the sink pads lines to page boundaries; MLflow strips them too
         if not _readable(line):
             bad.append(number)
             continue

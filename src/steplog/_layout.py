@@ -313,6 +313,7 @@ def encode_metric_line(timestamp: int, value: float, step: int) -> bytes:
 # Bytes a metric file of 3-field lines (as steplog and MLflow write them) is made of; anything
 # else (5-field dataset lines, CR, tabs, other spellings of NaN) is left to the line-by-line parser.
 _FAST_BYTES = b"0123456789.-+eE \nnaif"
+_PADDING = re.compile(rb" +\n")
 
 
 def _parse_fast(body: bytes) -> tuple[list[int], list[float], list[int], int] | None:
@@ -328,6 +329,8 @@ def _parse_fast(body: bytes) -> tuple[list[int], list[float], list[int], int] | 
     are the floats ``float()`` gives, except ``-0``, which JSON reads as the int 0
     (``float(b"-0")`` is ``-0.0``); such a value also goes to the exact parser.
     """
+    if b" \n" in body:  # lines padded to a page boundary by the sink (MLflow strips them too)
+        body = _PADDING.sub(b"\n", body)
     if body.translate(None, _FAST_BYTES) or b" -0 " in body:
         return None
     n = body.count(b"\n")

@@ -61,7 +61,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, overload
 
 import anyio
 
@@ -532,6 +532,21 @@ class DeviceValues:
 def _jax_ready(x: Any) -> bool:
     is_ready = getattr(x, "is_ready", None)
     return True if is_ready is None else bool(is_ready())
+
+
+_B = TypeVar("_B", bound=Backend)
+
+
+@overload
+def defer_cpu_tensors(
+    values: DeviceValues, backend: None = None, *, max_outstanding: int | None = None, ring: int | None = None
+) -> CpuBackend: ...
+
+
+@overload
+def defer_cpu_tensors(
+    values: DeviceValues, backend: _B, *, max_outstanding: int | None = None, ring: int | None = None
+) -> _B: ...
 
 
 def defer_cpu_tensors(
