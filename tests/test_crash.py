@@ -20,9 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from steplog import Store
 from steplog._fsck import check_store as fsck_store
+from steplog._layout import encode_metric_lines
+from steplog.sinks.mlruns import align_lines
 
 ZYGOTE = Path(__file__).parent / "_children" / "zygote.py"
 KILLS = 24
@@ -77,7 +81,8 @@ def check_store(store: Path, keys: int, per_step: int, acked: int) -> int:
         assert data.endswith(b"\n"), f"{name}: torn last line {data[-60:]!r}"
         lines = data.decode("ascii").split("\n")[:-1]
         assert lines, f"{name}: empty metric file"
-        for n, line in enumerate(lines):
+        for n, padded in enumerate(lines):
+            line = padded.rstrip(" ")  # lines may be padded to a page boundary; MLflow strips them
             fields = line.split(" ")
             assert 3 == len(fields), f"{name} line {n}: {line!r}"
             step, i = divmod(n, per_step)
@@ -166,3 +171,36 @@ def test_killed_run_reads_back_in_mlflow_and_store(tmp_path: Path, zygote: subpr
     assert len(history) >= (acked + 1) * 10
     ours = Store(store).metric_history(run.info.run_id, "group/k0")
     assert len(ours) >= (acked + 1) * 10
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(
+            st.tuples(
+                st.integers(min_value=0, max_value=2**63 - 1),
+                st.floats(allow_nan=True, allow_infinity=True),
+                st.integers(min_value=-(2**63), max_value=2**63 - 1),
+            ),
+            min_size=1,
+            max_size=300,
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_appends_end_a_line_at_every_page_boundary(batches: list[list[tuple[int, float, int]]]) -> None:
+    """Appended batches put a line end at every 4 KiB file offset, so a kernel cut there leaves whole lines.
+
+    SIGKILL can stop a write() at any page (folio) boundary it crosses; the sink pads lines with
+    trailing spaces (which MLflow strips) so that every such boundary falls between two lines.
+    """
+    written = b""
+    expected: list[bytes] = []
+    for batch in batches:
+        lines = encode_metric_lines([x for point in batch for x in point])
+        expected += lines.splitlines()
+        written += align_lines(lines, len(written))
+    assert expected == [line.rstrip(b" ") for line in written.splitlines()]
+    for boundary in range(4096, len(written), 4096):
+        assert b"\n" == written[boundary - 1 : boundary]

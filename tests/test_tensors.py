@@ -216,6 +216,27 @@ def test_flush_waits_for_device_values_and_timeout_names_them() -> None:
         assert [1.5] == sink.values("loss")
 
 
+class FailingCopyBackend(CpuBackend):
+    """A device whose stacked copy fails (as when no device memory is left for the stack)."""
+
+    def copy(self, device: int, stream: int, tensors: list[Any]) -> tuple[Any, Any]:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+
+def test_failed_stacked_copy_falls_back_to_reading_values_one_by_one(caplog: pytest.LogCaptureFixture) -> None:
+    """When the writer cannot stack and copy, it reads the values one by one: exact, counted, reported."""
+    run, sink = memory_run()
+    defer_cpu_tensors(run._tensors, FailingCopyBackend())
+    with caplog.at_level(logging.WARNING, logger="steplog"), run:
+        for step in range(5):
+            run.log_metric("loss", torch.tensor(step / 7), step=step)
+        run.flush()
+        stats = run.stats()
+    assert [expected_float(torch.tensor(s / 7)) for s in range(5)] == sink.values("loss")
+    assert (5, 5) == (stats.written, stats.blocking_reads)
+    assert "read them one by one" in caplog.text
+
+
 def test_tensor_with_grad_is_logged_without_its_graph() -> None:
     """A loss that requires grad is logged by value; steplog keeps a detached tensor, not the autograd graph."""
     values = DeviceValues(flush_interval=0.0)
@@ -336,6 +357,32 @@ def test_emergency_path_reads_device_values_blocking() -> None:
         values.resolve_blocking([("k", items)]),
         backend.waits,
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on the development machine)")
+def test_cuda_tensors_are_logged_exactly_without_a_sync() -> None:
+    """On a GPU, CUDA tensors are deferred, never synchronise the device, and equal float(t.item())."""
+    run, sink = memory_run()
+    values = [torch.randn((), device="cuda") * 10**i for i in range(-5, 6)]
+    values += [torch.tensor(2**53 + 1, device="cuda"), torch.tensor(0.1, dtype=torch.bfloat16, device="cuda")]
+    w = torch.randn(64, device="cuda", requires_grad=True)
+    with run:
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises from here on
+        try:
+            for step in range(50):
+                loss = (w * w).sum()
+                run.log_metrics({"loss": loss, **{f"v{i}": v for i, v in enumerate(values)}}, step=step)
+            run.flush()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        stats = run.stats()
+    assert ({"loss", *(f"v{i}" for i in range(len(values)))}, 0, 0) == (
+        run._tensors.keys,
+        stats.errors,
+        stats.blocking_reads,
+    )
+    assert [bits(expected_float(v)) for v in values] == [bits(sink.values(f"v{i}")[-1]) for i in range(len(values))]
+    assert [bits(expected_float((w * w).sum()))] * 50 == [bits(v) for v in sink.values("loss")]
 
 
 class FakeDevice:

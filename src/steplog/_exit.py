@@ -120,6 +120,8 @@ def _on_signal(signum: int, frame: FrameType | None) -> Any:
     previous = _previous_handlers.get(signum, signal.SIG_DFL)
     _exit_status = RunStatus.KILLED
     _signalled = True
+    for run in _open_runs():
+        run._signalled = True  # however its code unwinds now, the run ends KILLED
     if previous == signal.SIG_DFL:
         # the process is about to end: write what is pending, record KILLED, then die as before
         for run in _open_runs():

@@ -138,6 +138,7 @@ class Run:
         self._info: RunInfo | None = None
         self._pid = os.getpid()
         self._close_lock = threading.Lock()
+        self._signalled = False  # set by steplog's SIGTERM/SIGINT handler while this run was open
         # The hot path: bind the buffer's methods on the instance, so run.log_metric(...) is
         # one call with no delegation (the class methods below carry the docs and types).
         self.__dict__["log_metric"] = self._buffer.log_metric
@@ -566,7 +567,7 @@ class Run:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        status = _exit_status(exc_type, exc)
+        status = _exit_status(exc_type, exc, signalled=self._signalled)
         try:
             self.close(status)
         except StepLogError as error:
@@ -582,7 +583,7 @@ class Run:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        status = _exit_status(exc_type, exc)
+        status = _exit_status(exc_type, exc, signalled=self._signalled)
         try:
             await self.aclose(status)
         except StepLogError as error:
@@ -628,9 +629,11 @@ def _status(status: str | RunStatus) -> RunStatus:
         ) from None
 
 
-def _exit_status(exc_type: type[BaseException] | None, exc: BaseException | None = None) -> RunStatus:
+def _exit_status(
+    exc_type: type[BaseException] | None, exc: BaseException | None = None, *, signalled: bool = False
+) -> RunStatus:
     """The status a run gets when its context exits with ``exc`` (None: a normal exit)."""
-    if _exit.signalled():
+    if signalled:
         return RunStatus.KILLED  # a handled SIGTERM/SIGINT ended the run, however the code unwound
     if exc_type is None:
         return RunStatus.FINISHED

@@ -31,7 +31,9 @@ Bounds (documented in the README):
   ``max_outstanding * 512`` bytes (8 MiB by default);
 * at most ``ring`` copies (default :data:`RING`) in flight; when the ring is
   full the writer leaves new values waiting on the device until a copy
-  completes (they count towards ``max_outstanding``).
+  completes (they count towards ``max_outstanding``);
+* if a stack or copy fails (no device memory left for it), the writer reads
+  those values one by one with ``.item()`` and counts them as blocking reads.
 
 A tensor whose value could change before the writer reads it is copied on the
 device at the log call instead (one small kernel, still no sync): a view (it
@@ -237,10 +239,15 @@ class DeviceValues:
         """Metric keys that ever got a deferred value; empty means the writer skips resolution."""
         self.held_points = 0
         """Records the writer holds back until their device values arrive."""
-        self.blocking_reads = 0
-        """Values read with a blocking copy at the log call because the bound was reached."""
+        self._call_reads = 0  # blocking reads at the log call (bound reached); logging threads only
+        self._writer_reads = 0  # blocking reads in the writer (the stacked copy failed); writer only
         self.dropped = 0
         """Points dropped because their tensor was modified in place before it was read."""
+
+    @property
+    def blocking_reads(self) -> int:
+        """Values read with a blocking copy: at the log call past the bound, or by the writer when a stack failed."""
+        return self._call_reads + self._writer_reads
 
     # ------------------------------------------------------------------ the logging thread
 
@@ -293,8 +300,8 @@ class DeviceValues:
                 t = t.detach()  # keep the value, not the autograd graph (and its activations)
         else:
             t = t.detach().clone()  # its value may change before the writer reads it: copy it now
-        if next(self._seq) - self._read - self.blocking_reads > self._max:
-            self.blocking_reads += 1
+        if next(self._seq) - self._read - self._call_reads > self._max:
+            self._call_reads += 1
             return float(t.item())
         backend = self._backend
         if backend is None:
@@ -337,8 +344,8 @@ class DeviceValues:
         if kind in ("b", "c"):
             what = "bool" if kind == "b" else "complex"
             raise InvalidValueError(f"metric {key!r}: a {what} array is not allowed: metric values must be real")
-        if next(self._seq) - self._read - self.blocking_reads > self._max:
-            self.blocking_reads += 1
+        if next(self._seq) - self._read - self._call_reads > self._max:
+            self._call_reads += 1
             return float(x.item())
         start_copy()
         self.keys.add(key)
@@ -431,13 +438,21 @@ class DeviceValues:
         backend = self._backend
         assert backend is not None
         for (device, stream, _dtype), placeholders in groups.items():
-            host, event = backend.copy(device, stream, [p[0] for p in placeholders])
-            copy = _Copy(host, event)
+            tensors = [p[0] for p in placeholders]
+            try:
+                host, event = backend.copy(device, stream, tensors)
+            except Exception as exc:  # e.g. no device memory left for the stack: read them one by one
+                copy = _Copy(None, None)
+                copy.values = [float(t.item()) for t in tensors]
+                self._writer_reads += len(tensors)
+                log.warning("steplog: copying %d device values failed (%s); read them one by one", len(tensors), exc)
+            else:
+                copy = _Copy(host, event)
+                self._inflight.append(copy)
             for index, p in enumerate(placeholders):
                 p[0] = None  # the tensor's memory goes back to the allocator (stream-ordered: safe)
                 p[1] = copy
                 p[2] = index
-            self._inflight.append(copy)
         self._last_seal = now
 
     def _drop(self, key: str, p: list[Any], step: Any) -> None:

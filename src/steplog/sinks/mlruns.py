@@ -2,7 +2,9 @@
 
 Line discipline (MLFLOW_FORMAT.md §1.13): a key's batch is one ``write()`` of whole
 lines on an ``O_APPEND`` descriptor; a failed or short write is cut back to the
-previous size, so no partial line ever stays; a metric file is created only with
+previous size, so no partial line ever stays; a line ends at every 4 KiB offset of a
+metric file (padded with trailing spaces, which readers strip), so a write the kernel
+cuts at a page boundary on SIGKILL still leaves whole lines; a metric file is created only with
 its first lines (written to a temporary file in the run directory, then renamed);
 a file reopened later has any torn tail cut back to its last newline; meta files
 are replaced atomically. Identical points (same key, timestamp, step and value)
