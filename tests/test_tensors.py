@@ -173,6 +173,35 @@ def test_one_copy_per_cycle_per_dtype() -> None:
     assert [float(s) for s in range(50) for _ in range(2)] == out[0][1][1::3]
 
 
+class StreamsBackend(CpuBackend):
+    """A stand-in device whose current stream the test sets, recording which stream each copy ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.copied: list[tuple[int, list[float]]] = []
+
+    def stream(self, device: int) -> int:
+        return self.current
+
+    def copy(self, device: int, stream: int, tensors: list[Any]) -> tuple[Any, Any]:
+        self.copied.append((stream, [float(t) for t in tensors]))
+        return super().copy(device, stream, tensors)
+
+
+def test_values_are_read_on_the_stream_current_when_they_were_logged() -> None:
+    """Each value is copied on the stream that was current at its log call (one copy per stream)."""
+    values = DeviceValues(flush_interval=0.0)
+    backend = defer_cpu_tensors(values, StreamsBackend())
+    items: list[Any] = []
+    for step, stream in enumerate([7, 9, 7, 9]):
+        backend.current = stream
+        items += (0, values.convert("k", torch.tensor(float(step))), step)
+    out = anyio_run(values.resolve, [("k", items)], wait=True)
+    assert [(7, [0.0, 2.0]), (9, [1.0, 3.0])] == sorted(backend.copied)
+    assert [0.0, 1.0, 2.0, 3.0] == out[0][1][1::3]
+
+
 def test_full_ring_leaves_values_on_the_device_until_a_copy_completes() -> None:
     """With the ring full no new copy starts; once a copy completes, the waiting values are copied next."""
     values = DeviceValues(flush_interval=0.0, ring=1)

@@ -741,6 +741,8 @@ def start_run(
     run = Run(request, all_sinks, opts, tracking_uri=uris[0] if all_sinks[:1] and uris else "memory")
     if not _in_event_loop():
         run._start_threaded()
+    else:
+        _exit.register(run)  # not started yet: the exit hook still writes what it buffered
     if opts.handle_signals is not False:
         _exit.install_signal_handlers(explicit=opts.handle_signals is True)
     return run

@@ -11,9 +11,9 @@ it replaces the placeholders by the floats, before any sink sees the batch, so a
 sink only ever gets floats and a key's records keep their order (a key's records
 after a value still in flight wait with it).
 
-Why the writer, not the log call, does the device work: in a launch-bound loop a
-stack, a copy and an event record per step cost more CPU than the sync they
-avoid. The logging thread pays only a few attribute reads and one small list per
+Why the writer, not the log call, does the device work: the issue's launch-bound
+figures show a stack, a copy and an event record per step costing the training
+thread more than the sync they avoid. The logging thread pays only a few attribute reads and one small list per
 value; the device work happens once per writer cycle (at most every
 ``flush_interval``), on the stream that was current when each value was logged,
 so the read is ordered after the work that produced it, as ``.item()`` would be.
@@ -44,15 +44,16 @@ place after it was logged is detected through its version counter; that point
 is dropped, counted in ``stats().dropped`` and reported in the ``steplog``
 logger, because its logged value no longer exists anywhere.
 
-CPU tensors, numpy and other values take the plain path
-(:func:`~steplog._validation.to_value`). Other torch devices (MPS, XPU) are read
-with a blocking ``.item()``. JAX arrays on an accelerator start an asynchronous
-host copy at the log call (``copy_to_host_async``) and are read once
-``is_ready()``; JAX arrays are immutable, so no copy on the device is needed.
+CPU tensors are read at the call (``float(t.item())``, with the checks of
+:func:`~steplog._validation.to_value`, which numpy and every other value go
+through). Other torch devices (MPS, XPU) are read with a blocking ``.item()``.
+JAX arrays on an accelerator start an asynchronous host copy at the log call
+(``copy_to_host_async``) and are read once ``is_ready()``; JAX arrays are
+immutable, so no copy on the device is needed.
 
 torch and jax are never imported by steplog: a value's type is recognised by
-the name of the module that defines it, and the modules are taken from
-``sys.modules`` (they are there, since the value exists).
+the name of the module that defines it; only then is the module looked up (it
+is already imported, since the value exists).
 """
 
 from __future__ import annotations
