@@ -88,7 +88,7 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
     import anyio
 
     rounds = c.pick(mode, 1, 1, 3)
-    seconds = c.pick(mode, 0.05, 0.5, 2.0)
+    seconds = c.pick(mode, 0.05, 0.3, 2.0)
     usable, notes = cs.available((cs.NAIVE, cs.MLFLOW_ASYNC))
     names = ["no-op", "steplog", *(x.name for x in usable)]
     backends = ["asyncio"]

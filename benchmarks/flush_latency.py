@@ -102,7 +102,7 @@ def _one(x: cs.Contender, root: Path, steps: int, work: Callable[[], object]) ->
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
     rounds = c.pick(mode, 1, 1, 3)
-    seconds = c.pick(mode, 0.1, 0.5, 2.0)
+    seconds = c.pick(mode, 0.1, 0.3, 2.0)
     n_busy = c.calibrate_busy(0.001)
     regimes: dict[str, tuple[Callable[[], object], int]] = {
         "fast steps (~1 ms Python each)": (lambda: c.busy(n_busy), max(3, int(seconds / 0.0012))),

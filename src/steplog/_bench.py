@@ -74,14 +74,19 @@ def _main(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(SUITE))
     if unknown:
         raise CommandError(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(SUITE)}")
-    failed = run_suite(names, mode=mode, out=args.out, chart=not args.no_chart)
+    failed = run_suite(names, mode=mode, out=args.out, chart=not args.no_chart, others=not args.only)
     if failed:
         raise CommandError(f"{len(failed)} benchmark(s) failed: {', '.join(failed)} (see above)")
     return 0
 
 
-def run_suite(names: list[str], *, mode: str, out: Path | None = None, chart: bool = True) -> list[str]:
-    """Run ``names`` in ``mode``; print and write the summary; return the names that failed."""
+def run_suite(
+    names: list[str], *, mode: str, out: Path | None = None, chart: bool = True, others: bool = True
+) -> list[str]:
+    """Run ``names`` in ``mode`` (and, in a full run with ``others``, the other issues' benchmarks).
+
+    Prints and writes the summary; returns the names that failed.
+    """
     folder = find_benchmarks()
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
@@ -106,7 +111,7 @@ def run_suite(names: list[str], *, mode: str, out: Path | None = None, chart: bo
         print(f"({name}: {time.perf_counter() - t0:.1f} s)", flush=True)
     if "contenders" in sys.modules:
         sys.modules["contenders"].shutdown()
-    if mode == "full":
+    if mode == "full" and others:
         for name, extra in _OTHERS.items():
             script = folder / f"{name}.py"
             if script.is_file():
