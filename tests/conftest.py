@@ -28,11 +28,11 @@ def store(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def mlflow_client(store: Path) -> Iterator[Any]:
+def mlflow_client(store: Path) -> Any:
     """MLflow 3.17's own client reading ``store`` (created lazily by the test's run first)."""
     from mlflow.tracking import MlflowClient
 
-    yield MlflowClient(tracking_uri=store.as_uri())
+    return MlflowClient(tracking_uri=store.as_uri())
 
 
 @pytest.fixture(autouse=True)

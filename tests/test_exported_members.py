@@ -9,7 +9,11 @@ def test_all_matches_public_names() -> None:
     """__all__ is sorted and lists every public name defined by the package root, and no other."""
     public = {name for name in dir(steplog) if not name.startswith("_")} - {
         # submodules that importing the package binds as attributes
-        "cli", "sinks", "store", "testing", "typing",
+        "cli",
+        "sinks",
+        "store",
+        "testing",
+        "typing",
     }
     assert sorted(steplog.__all__) == steplog.__all__
     assert set(steplog.__all__) - {"__version__"} == public

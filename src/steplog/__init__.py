@@ -1,13 +1,14 @@
 """steplog: an asynchronous, buffered experiment logger that writes MLflow's file store.
 
+Example::
+
     import steplog
 
     with steplog.start_run("mnist", run_name="baseline") as run:
         run.log_params({"lr": 1e-3})
         for step in range(100_000):
-            run.log_metric("loss", loss, step=step)   # returns in a fraction of a microsecond
+            run.log_metric("loss", loss, step=step)  # returns in a fraction of a microsecond
 """
-
 
 from ._errors import BufferFullError as BufferFullError
 from ._errors import FlushTimeoutError as FlushTimeoutError

@@ -187,9 +187,7 @@ class Buffer:
                 return None
         return self._log_slow(key, value, step, timestamp)
 
-    def log_metrics(
-        self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None
-    ) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None) -> None:
         """Queue several points of one step; all or nothing (every item is checked first)."""
         if timestamp is None and self._cap > 0 and metrics.__class__ is dict:
             if step is None:
@@ -273,9 +271,7 @@ class Buffer:
     def _log_metrics_slow(self, metrics: Mapping[str, Any], step: Any, timestamp: Any) -> None:
         self._check_usable()
         if not isinstance(metrics, Mapping):
-            raise InvalidKeyError(
-                f"log_metrics() takes a mapping of metric key to value, not {type(metrics).__name__}"
-            )
+            raise InvalidKeyError(f"log_metrics() takes a mapping of metric key to value, not {type(metrics).__name__}")
         ts = None if timestamp is None else _for_keys(metrics, to_timestamp, timestamp)
         step = self._step if step is None else _for_keys(metrics, to_step, step)
         prepared = [self._prepare(key, value) for key, value in metrics.items()]  # all checked before any enqueued
@@ -329,9 +325,7 @@ class Buffer:
             while self.queued() >= self._max_buffer:
                 self._check_usable()
                 if not self.writer_alive():
-                    raise BufferFullError(
-                        f"the buffer is full ({self._max_buffer} records) and the writer has stopped"
-                    )
+                    raise BufferFullError(f"the buffer is full ({self._max_buffer} records) and the writer has stopped")
                 self._drained.wait(0.05)
         return True
 

@@ -165,9 +165,7 @@ class Run:
         """
         self._buffer.log_metric(key, value, step, timestamp)
 
-    def log_metrics(
-        self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None
-    ) -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None) -> None:
         """Log several metrics of one step; all are checked before any is queued."""
         self._buffer.log_metrics(metrics, step, timestamp)
 
@@ -201,9 +199,7 @@ class Run:
             raise InvalidValueError(f"artifact {os.fspath(local_path)!r} is not allowed: the path does not exist")
         name = source.resolve().name
         dest = name if artifact_path is None else f"{check_artifact_path(artifact_path)}/{name}"
-        self._buffer.log_artifact(
-            ArtifactRecord(artifact_path=check_artifact_path(dest), source=str(source.resolve()))
-        )
+        self._buffer.log_artifact(ArtifactRecord(artifact_path=check_artifact_path(dest), source=str(source.resolve())))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write ``text`` (UTF-8) to ``artifact_file`` inside the run's artifacts."""
@@ -624,9 +620,7 @@ def _status(status: str | RunStatus) -> RunStatus:
     try:
         return _STATUS_NAMES[str(status).upper()]
     except KeyError:
-        raise InvalidValueError(
-            f"status {status!r} is not allowed: use one of FINISHED, FAILED, KILLED"
-        ) from None
+        raise InvalidValueError(f"status {status!r} is not allowed: use one of FINISHED, FAILED, KILLED") from None
 
 
 def _exit_status(

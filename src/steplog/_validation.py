@@ -95,8 +95,7 @@ def check_param_value(key: str, value: object) -> str:
     text = "" if value is None else str(value)
     if len(text) > MAX_PARAM_VAL_LENGTH:
         raise InvalidValueError(
-            f"param {key!r} is not allowed: values may be at most {MAX_PARAM_VAL_LENGTH} characters "
-            f"(got {len(text)})"
+            f"param {key!r} is not allowed: values may be at most {MAX_PARAM_VAL_LENGTH} characters (got {len(text)})"
         )
     return text
 
@@ -189,8 +188,7 @@ def to_step(step: Any) -> int:
             index = getattr(step, "__index__", None)
             if index is None or isinstance(step, (bool, float)) or type(step).__name__ == "bool_":
                 raise InvalidValueError(
-                    f"step {step!r} is not allowed: steps must be integers "
-                    f"(got {type(step).__name__}; use int(step))"
+                    f"step {step!r} is not allowed: steps must be integers (got {type(step).__name__}; use int(step))"
                 )
             step = index()
         step = int(step)

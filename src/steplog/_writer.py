@@ -373,9 +373,7 @@ class Writer:
 
     def timeout_error(self, what: str, timeout: float | None) -> FlushTimeoutError:
         """The error for a barrier or close that ran out of time, naming what is unwritten."""
-        return FlushTimeoutError(
-            f"{what} timed out after {timeout} s with {self.unwritten_summary()} not yet written"
-        )
+        return FlushTimeoutError(f"{what} timed out after {timeout} s with {self.unwritten_summary()} not yet written")
 
     def unwritten_summary(self) -> str:
         """Human-readable account of what is not written yet, by key."""

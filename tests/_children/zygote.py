@@ -15,6 +15,7 @@ import os
 import sys
 
 import steplog
+import steplog._run  # pre-load the writer before forking: import steplog is lazy (PEP 562)
 
 
 def value(key_index: int, step: int, i: int) -> float:

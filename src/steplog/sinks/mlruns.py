@@ -75,6 +75,7 @@ def _all_distinct(steps: list[int]) -> bool:
         seen.update(steps[i : i + _CHUNK])
     return len(seen) == len(steps)
 
+
 # Values MLflow's SQL store cannot tell apart (MLFLOW_FORMAT.md §4: -0.0 becomes 0.0, ±inf is clamped
 # to ±max float): two such points at one (key, step, timestamp) break migrate-filestore's UNIQUE
 # constraint just like identical ones, so they count as identical here.
