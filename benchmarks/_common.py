@@ -23,6 +23,35 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODES = ("smoke", "quick", "full")
+KEYS = [f"m{i:02d}" for i in range(20)]
+"""The metric keys of the workloads: 20 per step."""
+PEERS = ("steplog", "mlflow", "tensorboardX", "wandb", "trackio")
+"""The distributions whose versions a result records by default."""
+
+
+def script_main(doc: str, run: Callable[..., Any], argv: Sequence[str] | None = None) -> int:
+    """A script's ``main``: parse the options (``doc``'s first line as the description), run, stop the peers."""
+    args = parse_args(doc.splitlines()[0], argv)
+    try:
+        run(args.mode, args.out, chart=not args.no_chart)
+    finally:
+        import contenders
+
+        contenders.shutdown()
+    return 0
+
+
+class Noop:
+    """The floor: a logger whose calls take the same arguments and do nothing."""
+
+    def log_metric(self, key: str, value: float, step: int) -> None:
+        pass
+
+    def log_metrics(self, metrics: Any, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -142,6 +171,65 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def result_of(
+    title: str,
+    mode: str,
+    fields: dict[str, Any],
+    *,
+    targets: list[dict[str, Any]],
+    notes: list[str],
+    packages: Sequence[str] = PEERS,
+) -> dict[str, Any]:
+    """A script's result: title, mode, its own ``fields``, targets, notes and the versions of ``packages``."""
+    return {"title": title, "mode": mode, **fields, "targets": targets, "notes": notes, "versions": versions(*packages)}
+
+
+def report(
+    name: str,
+    result: dict[str, Any],
+    out: Path | None,
+    printer: Callable[[dict[str, Any]], None],
+    chart: Callable[[Any], None] | None,
+) -> dict[str, Any]:
+    """Print ``result`` with ``printer``, write it under ``out`` (unless None) with its chart; return it."""
+    printer(result)
+    if out is not None:
+        write_results(name, result, out, chart=chart)
+    return result
+
+
+def print_footer(result: dict[str, Any]) -> None:
+    """Print a result's notes, then its targets."""
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print_targets(result["targets"])
+
+
+def print_grouped(
+    result: dict[str, Any],
+    groups: Sequence[str],
+    heads: Callable[[str], list[str]],
+    cells: Callable[[dict[str, Any], str], list[str]],
+    extra: tuple[str, Callable[[dict[str, Any]], str]] | None = None,
+) -> None:
+    """Print a table with a "contender" column, then ``heads(g)`` columns per group ``g`` (and ``extra``), then the footer."""
+    headers = ["contender"]
+    for g in groups:
+        headers += heads(g)
+    if extra is not None:
+        headers.append(extra[0])
+    rows = []
+    for r in result["rows"]:
+        line = [r["name"]]
+        for g in groups:
+            line += cells(r, g)
+        if extra is not None:
+            line.append(extra[1](r))
+        rows.append(line)
+    print(table(headers, rows))
+    print_footer(result)
+
+
 def write_results(
     name: str,
     result: dict[str, Any],
@@ -189,6 +277,47 @@ def bar_chart(
         ax.text(v, i, " " + fmt(v), va="center", fontsize=8)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+
+
+def bar_chart_drawer(
+    names: Sequence[str], values: Sequence[float], title: str, xlabel: str, *, log: bool = True
+) -> Callable[[Any], None]:
+    """A chart function for :func:`write_results` that draws :func:`bar_chart` of ``values``."""
+
+    def draw(ax: Any) -> None:
+        bar_chart(ax, names, values, title=title, xlabel=xlabel, log=log)
+
+    return draw
+
+
+def grouped_bar_chart_drawer(
+    names: Sequence[str],
+    groups: Sequence[str],
+    values: Callable[[str], Sequence[float]],
+    label: Callable[[str], str],
+    *,
+    width: float,
+    target: tuple[float, str],
+    title: str,
+    xlabel: str,
+    log: bool = False,
+) -> Callable[[Any], None]:
+    """A chart function for :func:`write_results`: a bar per group for each name, and a dashed target line."""
+
+    def draw(ax: Any) -> None:
+        for k, g in enumerate(groups):
+            ys = [i + (k - (len(groups) - 1) / 2) * width for i in range(len(names))]
+            ax.barh(ys, values(g), height=width, label=label(g))
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        if log:
+            ax.set_xscale("log")
+        ax.axvline(target[0], color="#d62728", linestyle="--", label=target[1])
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+
+    return draw
 
 
 def _clean(value: Any) -> Any:

@@ -244,26 +244,21 @@ class TrackioLogger:
 STEPLOG = Contender("steplog", "steplog Run.log_metric / log_metrics", _open_steplog, cost=0.3)
 NAIVE = Contender("naive sync", "open, append one line, close, per call", NaiveLogger, cost=10)
 BUFFERED = Contender("buffered sync", "file kept open, one write() per call", BufferedLogger, cost=2)
-MLFLOW_SYNC = Contender(
-    "mlflow sync",
-    "MlflowClient.log_metric on a file store",
-    lambda root: MlflowLogger(root, synchronous=True),
-    needs=("mlflow",),
-    cost=2000,
-)
-MLFLOW_ASYNC = Contender(
-    "mlflow async",
-    "MlflowClient.log_metric(synchronous=False)",
-    lambda root: MlflowLogger(root, synchronous=False),
-    needs=("mlflow",),
-    cost=300,
-)
-MLFLOW_ASYNC_BUFFERED = Contender(
+
+
+def _mlflow(name: str, description: str, cost: float, **options: Any) -> Contender:
+    """An MLflow contender: ``MlflowLogger`` opened with ``options``."""
+    return Contender(name, description, lambda root: MlflowLogger(root, **options), needs=("mlflow",), cost=cost)
+
+
+MLFLOW_SYNC = _mlflow("mlflow sync", "MlflowClient.log_metric on a file store", 2000, synchronous=True)
+MLFLOW_ASYNC = _mlflow("mlflow async", "MlflowClient.log_metric(synchronous=False)", 300, synchronous=False)
+MLFLOW_ASYNC_BUFFERED = _mlflow(
     "mlflow async+buffer",
     "synchronous=False with MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS=1",
-    lambda root: MlflowLogger(root, synchronous=False, buffering_seconds=1),
-    needs=("mlflow",),
-    cost=300,
+    300,
+    synchronous=False,
+    buffering_seconds=1,
 )
 TENSORBOARDX = Contender(
     "tensorboardX", "SummaryWriter.add_scalar", TensorboardXLogger, needs=("tensorboardX",), cost=40

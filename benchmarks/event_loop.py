@@ -24,19 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 import contenders as cs
+from _common import KEYS
 
 NAME = "event_loop"
 TITLE = "Event-loop lag while logging at full speed (20 metrics per step)"
-KEYS = [f"m{i:02d}" for i in range(20)]
 TICK = 0.001
-
-
-class _Noop:
-    def log_metric(self, key: str, value: float, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 async def _scenario(name: str, root: Path, seconds: float) -> tuple[list[float], int]:
@@ -75,7 +67,7 @@ async def _scenario(name: str, root: Path, seconds: float) -> tuple[list[float],
             tg.start_soon(ticker)
             tg.start_soon(logging, run.log_metric)
         return lags, points
-    logger: Any = _Noop() if name == "no-op" else {x.name: x for x in cs.ALL}[name].open(root)
+    logger: Any = c.Noop() if name == "no-op" else {x.name: x for x in cs.ALL}[name].open(root)
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
         tg.start_soon(logging, logger.log_metric)
@@ -129,65 +121,38 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
                 targets.append(
                     c.target(f"event-loop lag p99 while logging, {backend}", p99, "≤ 1 ms", p99 <= 1.0, f"{p99:.2f} ms")
                 )
-    result = {
-        "title": TITLE,
-        "mode": mode,
-        "rounds": rounds,
-        "seconds_per_run": seconds,
-        "backends": backends,
-        "rows": rows,
-        "targets": targets,
-        "notes": notes,
-        "versions": c.versions("steplog", "anyio", "trio", "mlflow"),
-    }
-    _print(result)
-    if out is not None:
-        c.write_results(NAME, result, out, chart=_chart(rows, backends) if chart else None)
-    return result
+    fields = {"rounds": rounds, "seconds_per_run": seconds, "backends": backends, "rows": rows}
+    packages = ("steplog", "anyio", "trio", "mlflow")
+    result = c.result_of(TITLE, mode, fields, targets=targets, notes=notes, packages=packages)
+    return c.report(NAME, result, out, _print, _chart(rows, backends) if chart else None)
+
+
+def _chart(rows: list[dict[str, Any]], backends: list[str]) -> Callable[[Any], None]:
+    return c.grouped_bar_chart_drawer(
+        [r["name"] for r in rows],
+        backends,
+        lambda b: [max(r[b]["p99_ms"], 1e-3) for r in rows],
+        lambda b: f"p99 lag, {b}",
+        width=0.8 / len(backends),
+        target=(1.0, "target 1 ms"),
+        title=TITLE,
+        xlabel="event-loop lag, ms (p99; log scale)",
+        log=True,
+    )
 
 
 def _print(result: dict[str, Any]) -> None:
     print(f"\n## {result['title']} ({result['mode']}, {result['rounds']} rounds, ticks pooled)\n")
-    headers = ["contender"]
-    for b in result["backends"]:
-        headers += [f"{b}: lag p50 ms", "p99 ms", "max ms", "points/s logged"]
-    rows = []
-    for r in result["rows"]:
-        line = [r["name"]]
-        for b in result["backends"]:
-            s = r[b]
-            line += [c.fmt(s["p50_ms"]), c.fmt(s["p99_ms"]), c.fmt(s["max_ms"]), c.fmt(s["points_per_s"])]
-        rows.append(line)
-    print(c.table(headers, rows))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    c.print_targets(result["targets"])
-
-
-def _chart(rows: list[dict[str, Any]], backends: list[str]) -> Callable[[Any], None]:
-    def draw(ax: Any) -> None:
-        width = 0.8 / len(backends)
-        for k, b in enumerate(backends):
-            ys = [i + (k - (len(backends) - 1) / 2) * width for i in range(len(rows))]
-            ax.barh(ys, [max(r[b]["p99_ms"], 1e-3) for r in rows], height=width, label=f"p99 lag, {b}")
-        ax.set_yticks(range(len(rows)), [r["name"] for r in rows])
-        ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.axvline(1.0, color="#d62728", linestyle="--", label="target 1 ms")
-        ax.set_xlabel("event-loop lag, ms (p99; log scale)")
-        ax.set_title(TITLE)
-        ax.legend(fontsize=8)
-
-    return draw
+    c.print_grouped(
+        result,
+        result["backends"],
+        lambda b: [f"{b}: lag p50 ms", "p99 ms", "max ms", "points/s logged"],
+        lambda r, b: [c.fmt(r[b][k]) for k in ("p50_ms", "p99_ms", "max_ms", "points_per_s")],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = c.parse_args(__doc__.splitlines()[0], argv)
-    try:
-        run(args.mode, args.out, chart=not args.no_chart)
-    finally:
-        cs.shutdown()
-    return 0
+    return c.script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

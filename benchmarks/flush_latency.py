@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 import contenders as cs
+from _common import KEYS
 
 NAME = "flush_latency"
 TITLE = "Flush latency: step boundary -> the step's line is in the file"
-KEYS = [f"m{i:02d}" for i in range(20)]
 FLUSH_INTERVAL = 0.05
 
 # The watcher: finds the key's metric file under the root, polls it, prints {step: first seen}.
@@ -153,66 +153,36 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
                         f"{p99:.1f} ms",
                     )
                 )
-    result = {
-        "title": TITLE,
-        "mode": mode,
-        "rounds": rounds,
-        "flush_interval_s": FLUSH_INTERVAL,
-        "regimes": list(regimes),
-        "rows": rows,
-        "targets": targets,
-        "notes": notes,
-        "versions": c.versions("steplog", "mlflow"),
-    }
-    _print(result)
-    if out is not None:
-        c.write_results(NAME, result, out, chart=_chart(rows, list(regimes)) if chart else None)
-    return result
+    fields = {"rounds": rounds, "flush_interval_s": FLUSH_INTERVAL, "regimes": list(regimes), "rows": rows}
+    result = c.result_of(TITLE, mode, fields, targets=targets, notes=notes, packages=("steplog", "mlflow"))
+    return c.report(NAME, result, out, _print, _chart(rows, list(regimes)) if chart else None)
+
+
+def _chart(rows: list[dict[str, Any]], regimes: list[str]) -> Callable[[Any], None]:
+    return c.grouped_bar_chart_drawer(
+        [r["name"] for r in rows],
+        regimes,
+        lambda regime: [min(r[regime]["p99_ms"], 1e6) for r in rows],
+        lambda regime: f"p99, {regime}",
+        width=0.38,
+        target=(FLUSH_INTERVAL * 1000 + 20, "steplog target"),
+        title=TITLE,
+        xlabel="ms from step boundary to line in file (p99)",
+    )
 
 
 def _print(result: dict[str, Any]) -> None:
     print(f"\n## {result['title']} ({result['mode']}, {result['rounds']} rounds, all steps pooled)\n")
-    headers = ["contender"]
-    for regime in result["regimes"]:
-        headers += [f"{regime}: p50 ms", "p99 ms", "max ms"]
-    rows = []
-    for r in result["rows"]:
-        line = [r["name"]]
-        for regime in result["regimes"]:
-            s = r[regime]
-            line += [c.fmt(s["p50_ms"]), c.fmt(s["p99_ms"]), c.fmt(s["max_ms"])]
-        rows.append(line)
-    print(c.table(headers, rows))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    c.print_targets(result["targets"])
-
-
-def _chart(rows: list[dict[str, Any]], regimes: list[str]) -> Callable[[Any], None]:
-    def draw(ax: Any) -> None:
-        names = [r["name"] for r in rows]
-        width = 0.38
-        for k, regime in enumerate(regimes):
-            ys = [i + (k - 0.5) * width for i in range(len(rows))]
-            vals = [min(r[regime]["p99_ms"], 1e6) for r in rows]
-            ax.barh(ys, vals, height=width, label=f"p99, {regime}")
-        ax.set_yticks(range(len(rows)), names)
-        ax.invert_yaxis()
-        ax.axvline(FLUSH_INTERVAL * 1000 + 20, color="#d62728", linestyle="--", label="steplog target")
-        ax.set_xlabel("ms from step boundary to line in file (p99)")
-        ax.set_title(TITLE)
-        ax.legend(fontsize=8)
-
-    return draw
+    c.print_grouped(
+        result,
+        result["regimes"],
+        lambda regime: [f"{regime}: p50 ms", "p99 ms", "max ms"],
+        lambda r, regime: [c.fmt(r[regime][k]) for k in ("p50_ms", "p99_ms", "max_ms")],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = c.parse_args(__doc__.splitlines()[0], argv)
-    try:
-        run(args.mode, args.out, chart=not args.no_chart)
-    finally:
-        cs.shutdown()
-    return 0
+    return c.script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -27,23 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 import contenders as cs
+from _common import KEYS
 
 NAME = "hot_path"
 TITLE = "Hot path: ns per log call (20 keys per step)"
-KEYS = [f"m{i:02d}" for i in range(20)]
-
-
-class _Noop:
-    """The floor: a Python function call with the same arguments that does nothing."""
-
-    def log_metric(self, key: str, value: float, step: int) -> None:
-        pass
-
-    def log_metrics(self, metrics: Any, step: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _loop_single(f: Callable[..., Any], values: Sequence[float], step0: int, steps: int) -> tuple[float, float]:
@@ -98,7 +85,7 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
     samples = c.pick(mode, 1, 2, 4)
     budget = c.pick(mode, 0.002, 0.06, 0.25)
     usable, notes = cs.available(cs.ALL)
-    noop = cs.Contender("no-op", "a function call that does nothing", lambda root: _Noop(), cost=0.08)
+    noop = cs.Contender("no-op", "a function call that does nothing", lambda root: c.Noop(), cost=0.08)
     order = [noop, *usable]
     values = [0.1 + i / 7 for i in range(len(KEYS))]
     metrics = dict(zip(KEYS, values, strict=True))
@@ -165,21 +152,14 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
         row["x_steplog_single"] = row["single_ns"]["median"] / base
         row["x_steplog_dict20"] = row["dict20_ns"]["median"] / base_d
     targets = _targets(by)
-    result = {
-        "title": TITLE,
-        "mode": mode,
-        "rounds": rounds,
-        "timer_floor_ns": floor,
-        "rows": rows,
-        "targets": targets,
-        "notes": notes,
-        "steplog_all_written": all(written),
-        "versions": c.versions("steplog", "mlflow", "tensorboardX", "wandb", "trackio"),
-    }
-    _print(result)
-    if out is not None:
-        c.write_results(NAME, result, out, chart=_chart(rows) if chart else None)
-    return result
+    fields = {"rounds": rounds, "timer_floor_ns": floor, "rows": rows, "steplog_all_written": all(written)}
+    result = c.result_of(TITLE, mode, fields, targets=targets, notes=notes)
+    return c.report(NAME, result, out, _print, _chart(rows) if chart else None)
+
+
+def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
+    names, values = [r["name"] for r in rows], [r["single_ns"]["median"] for r in rows]
+    return c.bar_chart_drawer(names, values, TITLE + " (log scale; lower is better)", "ns per log_metric call (median)")
 
 
 def _targets(by: dict[str, Any]) -> list[dict[str, Any]]:
@@ -242,31 +222,11 @@ def _print(result: dict[str, Any]) -> None:
             ]
         )
     print(c.table(headers, rows))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    c.print_targets(result["targets"])
-
-
-def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
-    def draw(ax: Any) -> None:
-        c.bar_chart(
-            ax,
-            [r["name"] for r in rows],
-            [r["single_ns"]["median"] for r in rows],
-            title=TITLE + " (log scale; lower is better)",
-            xlabel="ns per log_metric call (median)",
-        )
-
-    return draw
+    c.print_footer(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = c.parse_args(__doc__.splitlines()[0], argv)
-    try:
-        run(args.mode, args.out, chart=not args.no_chart)
-    finally:
-        cs.shutdown()
-    return 0
+    return c.script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

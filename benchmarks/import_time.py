@@ -21,7 +21,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
-import contenders as cs
 
 NAME = "import_time"
 TITLE = "Import time (fresh interpreter, start-up excluded)"
@@ -68,19 +67,13 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
         if row["name"] == "steplog":
             ms = row["ms"]["median"]
             targets.append(c.target("import steplog", ms, "≤ 50 ms", ms <= 50, f"{ms:.1f} ms"))
-    result = {
-        "title": TITLE,
-        "mode": mode,
-        "rounds": rounds,
-        "rows": rows,
-        "targets": targets,
-        "notes": notes,
-        "versions": c.versions("steplog", "mlflow", "tensorboardX", "wandb", "trackio"),
-    }
-    _print(result)
-    if out is not None:
-        c.write_results(NAME, result, out, chart=_chart(rows) if chart else None)
-    return result
+    result = c.result_of(TITLE, mode, {"rounds": rounds, "rows": rows}, targets=targets, notes=notes)
+    return c.report(NAME, result, out, _print, _chart(rows) if chart else None)
+
+
+def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
+    names = [r["name"] for r in rows]
+    return c.bar_chart_drawer(names, [r["ms"]["median"] for r in rows], TITLE + " (log scale)", "ms (median)")
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -90,31 +83,11 @@ def _print(result: dict[str, Any]) -> None:
         for r in result["rows"]
     ]
     print(c.table(["import", "ms", "min-max"], rows))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    c.print_targets(result["targets"])
-
-
-def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
-    def draw(ax: Any) -> None:
-        c.bar_chart(
-            ax,
-            [r["name"] for r in rows],
-            [r["ms"]["median"] for r in rows],
-            title=TITLE + " (log scale)",
-            xlabel="ms (median)",
-        )
-
-    return draw
+    c.print_footer(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = c.parse_args(__doc__.splitlines()[0], argv)
-    try:
-        run(args.mode, args.out, chart=not args.no_chart)
-    finally:
-        cs.shutdown()
-    return 0
+    return c.script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

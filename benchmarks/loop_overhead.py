@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 import contenders as cs
+from _common import KEYS
 
 NAME = "loop_overhead"
 TITLE = "Training-loop overhead: 20 metrics per ~200 µs step, including close"
-KEYS = [f"m{i:02d}" for i in range(20)]
 STEP_S = 200e-6
 
 
@@ -131,27 +131,26 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
                 f"{got_d:.1f} %",
             )
         )
-    result = {
-        "title": TITLE,
-        "mode": mode,
-        "rounds": rounds,
-        "steps": steps,
-        "step_us": {w: c.summary(v) for w, v in baseline.items()},
-        "works": list(works),
-        "rows": rows,
-        "targets": targets,
-        "notes": [
-            *notes,
-            "slow contenders run fewer steps per round (see steps_per_round); overhead is per step either way",
-            "CPU overhead: process CPU time (all threads) against the loop without logging; it does not "
-            "move with the neighbours' load the way wall time does, and counts work done on another core",
-        ],
-        "versions": c.versions("steplog", "mlflow", "tensorboardX", "wandb", "trackio"),
-    }
-    _print(result)
-    if out is not None:
-        c.write_results(NAME, result, out, chart=_chart(rows, list(works)) if chart else None)
-    return result
+    notes = [
+        *notes,
+        "slow contenders run fewer steps per round (see steps_per_round); overhead is per step either way",
+        "CPU overhead: process CPU time (all threads) against the loop without logging; it does not "
+        "move with the neighbours' load the way wall time does, and counts work done on another core",
+    ]
+    step_us = {w: c.summary(v) for w, v in baseline.items()}
+    fields = {"rounds": rounds, "steps": steps, "step_us": step_us, "works": list(works), "rows": rows}
+    result = c.result_of(TITLE, mode, fields, targets=targets, notes=notes)
+    return c.report(NAME, result, out, _print, _chart(rows, list(works)) if chart else None)
+
+
+def _chart(rows: list[dict[str, Any]], works: list[str]) -> Callable[[Any], None]:
+    names, values = [r["name"] for r in rows], [r[works[0]]["median"] for r in rows]
+    return c.bar_chart_drawer(
+        names,
+        values,
+        "Loop overhead, 20 metrics per 200 µs Python step (log scale; lower is better)",
+        "overhead % (median), including close",
+    )
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -159,48 +158,26 @@ def _print(result: dict[str, Any]) -> None:
     base = ", ".join(f"{w}: {c.fmt(result['step_us'][w]['median'])} µs" for w in works)
     print(f"\n## {result['title']} ({result['mode']}, {result['rounds']} rounds, median (min-max))\n")
     print(f"step without logging: {base}\n")
-    headers = ["contender"]
-    for w in works:
-        headers += [f"{w}: wall overhead", "min-max", "CPU overhead"]
-    headers.append("steps/round")
-    rows = []
-    for r in result["rows"]:
-        line = [r["name"]]
-        for w in works:
-            s = r[w]
-            line += [
-                c.fmt(s["median"], " %"),
-                f"{c.fmt(s['min'])}-{c.fmt(s['max'])}",
-                c.fmt(r[w + " (CPU)"]["median"], " %"),
-            ]
-        line.append(f"{r['steps_per_round']:,}")
-        rows.append(line)
-    print(c.table(headers, rows))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    c.print_targets(result["targets"])
 
+    def cells(r: dict[str, Any], w: str) -> list[str]:
+        s = r[w]
+        return [
+            c.fmt(s["median"], " %"),
+            f"{c.fmt(s['min'])}-{c.fmt(s['max'])}",
+            c.fmt(r[w + " (CPU)"]["median"], " %"),
+        ]
 
-def _chart(rows: list[dict[str, Any]], works: list[str]) -> Callable[[Any], None]:
-    def draw(ax: Any) -> None:
-        c.bar_chart(
-            ax,
-            [r["name"] for r in rows],
-            [r[works[0]]["median"] for r in rows],
-            title="Loop overhead, 20 metrics per 200 µs Python step (log scale; lower is better)",
-            xlabel="overhead % (median), including close",
-        )
-
-    return draw
+    c.print_grouped(
+        result,
+        works,
+        lambda w: [f"{w}: wall overhead", "min-max", "CPU overhead"],
+        cells,
+        ("steps/round", lambda r: f"{r['steps_per_round']:,}"),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = c.parse_args(__doc__.splitlines()[0], argv)
-    try:
-        run(args.mode, args.out, chart=not args.no_chart)
-    finally:
-        cs.shutdown()
-    return 0
+    return c.script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 import contenders as cs
+from _common import KEYS
 
 NAME = "memory"
 TITLE = "Memory: bytes per buffered record (writer stalled), and RSS of a logging process"
-KEYS = [f"m{i:02d}" for i in range(20)]
 
 
 class StalledSink:
@@ -183,19 +183,14 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
     targets.append(
         c.target("memory per buffered record (1 key per step)", b1, "≤ 64 bytes", b1 <= 64, f"{b1:.1f} bytes")
     )
-    result = {
-        "title": TITLE,
-        "mode": mode,
-        "bytes_per_record": per_record,
-        "rss": rss_rows,
-        "targets": targets,
-        "notes": notes,
-        "versions": c.versions("steplog", "mlflow", "tensorboardX", "wandb", "trackio"),
-    }
-    _print(result)
-    if out is not None:
-        c.write_results(NAME, result, out, chart=_chart(rss_rows) if chart else None)
-    return result
+    fields = {"bytes_per_record": per_record, "rss": rss_rows}
+    result = c.result_of(TITLE, mode, fields, targets=targets, notes=notes)
+    return c.report(NAME, result, out, _print, _chart(rss_rows) if chart else None)
+
+
+def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
+    names = [r["name"] for r in rows]
+    return c.bar_chart_drawer(names, [r["peak_mib"] for r in rows], "Peak RSS of a logging process", "MiB", log=False)
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -208,35 +203,14 @@ def _print(result: dict[str, Any]) -> None:
     print()
     rows = [[r["name"], c.fmt(r["start_mib"]), c.fmt(r["peak_mib"]), f"{r['points']:,}"] for r in result["rss"]]
     print(c.table(["process", "RSS after start-up, MiB", "peak RSS after logging + close, MiB", "points logged"], rows))
-    for note in result["notes"]:
-        print(f"note: {note}")
-    c.print_targets(result["targets"])
-
-
-def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
-    def draw(ax: Any) -> None:
-        c.bar_chart(
-            ax,
-            [r["name"] for r in rows],
-            [r["peak_mib"] for r in rows],
-            title="Peak RSS of a logging process",
-            xlabel="MiB",
-            log=False,
-        )
-
-    return draw
+    c.print_footer(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child" and argv is None:
         _child(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
         return 0
-    args = c.parse_args(__doc__.splitlines()[0], argv)
-    try:
-        run(args.mode, args.out, chart=not args.no_chart)
-    finally:
-        cs.shutdown()
-    return 0
+    return c.script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -112,19 +112,25 @@ def raw_httpx(url: str, client: Any, n: int) -> float:
         return time.perf_counter() - t0
 
 
-def steplog_run(url: str, client: Any, n: int, hot: list[float]) -> float:
-    """Seconds from the first log call until close() returns (everything acknowledged)."""
-    import steplog
-
-    run = steplog.start_run("bench-rest", run_name="steplog", tracking_uri=url, handle_signals=False)
+def _log_and_close(run: Any, n: int) -> tuple[float, float]:
+    """Seconds of ``n`` log_metric calls, and seconds from the first call until close() returns."""
     log_metric = run.log_metric
     t0 = time.perf_counter()
     for i in range(n):
         log_metric("loss", 1.0 / (i + 1), i)
     t1 = time.perf_counter()
     run.close()
-    hot.append((t1 - t0) / n * 1e9)
-    return time.perf_counter() - t0
+    return t1 - t0, time.perf_counter() - t0
+
+
+def steplog_run(url: str, client: Any, n: int, hot: list[float]) -> float:
+    """Seconds from the first log call until close() returns (everything acknowledged)."""
+    import steplog
+
+    run = steplog.start_run("bench-rest", run_name="steplog", tracking_uri=url, handle_signals=False)
+    calls, total = _log_and_close(run, n)
+    hot.append(calls / n * 1e9)
+    return total
 
 
 def steplog_local_hot(root: Path, n: int) -> float:
@@ -132,13 +138,8 @@ def steplog_local_hot(root: Path, n: int) -> float:
     import steplog
 
     run = steplog.start_run("bench-rest", tracking_uri=str(root / "mlruns"), handle_signals=False)
-    log_metric = run.log_metric
-    t0 = time.perf_counter()
-    for i in range(n):
-        log_metric("loss", 1.0 / (i + 1), i)
-    t1 = time.perf_counter()
-    run.close()
-    return (t1 - t0) / n * 1e9
+    calls, _total = _log_and_close(run, n)
+    return calls / n * 1e9
 
 
 def mlflow_sync(url: str, client: Any, n: int) -> float:

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 import contenders as cs
+from _common import KEYS
 
 NAME = "throughput"
 TITLE = "Throughput: points per second, end to end (log + close)"
-KEYS = [f"m{i:02d}" for i in range(20)]
 
 
 def _one_round(x: cs.Contender, root: Path, steps: int, use_dict: bool) -> tuple[float, float, Any]:
@@ -118,20 +118,14 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
                 f"{per / 1e6:.2f} M points/CPU-s",
             )
         )
-    result = {
-        "title": TITLE,
-        "mode": mode,
-        "rounds": rounds,
-        "rows": rows,
-        "all_written": checks,
-        "targets": targets,
-        "notes": notes,
-        "versions": c.versions("steplog", "mlflow", "tensorboardX", "wandb", "trackio"),
-    }
-    _print(result)
-    if out is not None:
-        c.write_results(NAME, result, out, chart=_chart(rows) if chart else None)
-    return result
+    fields = {"rounds": rounds, "rows": rows, "all_written": checks}
+    result = c.result_of(TITLE, mode, fields, targets=targets, notes=notes)
+    return c.report(NAME, result, out, _print, _chart(rows) if chart else None)
+
+
+def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
+    names, values = [r["name"] for r in rows], [r["points_per_s"]["median"] for r in rows]
+    return c.bar_chart_drawer(names, values, TITLE + " (log scale; higher is better)", "points per second (median)")
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -152,31 +146,11 @@ def _print(result: dict[str, Any]) -> None:
     print(c.table(["contender", "points/s", "min-max", "steplog is x", "points per CPU-s", "points per round"], rows))
     for name, ok in result["all_written"].items():
         print(f"check: {name}: every point written = {ok}")
-    for note in result["notes"]:
-        print(f"note: {note}")
-    c.print_targets(result["targets"])
-
-
-def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
-    def draw(ax: Any) -> None:
-        c.bar_chart(
-            ax,
-            [r["name"] for r in rows],
-            [r["points_per_s"]["median"] for r in rows],
-            title=TITLE + " (log scale; higher is better)",
-            xlabel="points per second (median)",
-        )
-
-    return draw
+    c.print_footer(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = c.parse_args(__doc__.splitlines()[0], argv)
-    try:
-        run(args.mode, args.out, chart=not args.no_chart)
-    finally:
-        cs.shutdown()
-    return 0
+    return c.script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":
