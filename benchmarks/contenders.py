@@ -143,9 +143,9 @@ class MlflowLogger:
 
     def close(self) -> None:
         if not self._sync:
-            import mlflow
-
-            mlflow.flush_async_logging()
+            # this client's own store: mlflow.flush_async_logging() would open the default
+            # tracking store (sqlite:///mlflow.db in the working directory) to flush it
+            self._client._tracking_client.store.flush_async_logging()
         if self._buffering is not None:
             os.environ.pop("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", None)
         self._client.set_terminated(self._run_id)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# Tests leave no files behind: no example database, and hypothesis's own caches go to a
+# temporary directory removed at exit (not .hypothesis/ in the checkout).
+settings.register_profile("steplog", database=None)
+settings.load_profile("steplog")
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="steplog-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 # MLflow 3.17 refuses to open a file store without this (MLFLOW_FORMAT.md §1.1).
 os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"

@@ -11,29 +11,13 @@ import time
 import tracemalloc
 import warnings
 
-import anyio
 import pytest
 
 import steplog
+from _sinks import GateSink
 from steplog import BufferFullError
-from steplog.testing import MemorySink
-from steplog.typing import Batch
 
 KEYS = ("loss", "acc", "lr", "grad/norm")
-
-
-class StalledSink(MemorySink):
-    """A sink whose writes wait until ``gate`` is set (``entered`` is set once a write is waiting)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    async def write(self, batch: Batch) -> None:
-        self.entered.set()
-        await anyio.to_thread.run_sync(self.gate.wait, abandon_on_cancel=True)
-        self.write_sync(batch)
 
 
 def wait_until(condition: object, what: str, timeout: float = 20.0) -> None:
@@ -46,7 +30,7 @@ def wait_until(condition: object, what: str, timeout: float = 20.0) -> None:
 
 def test_block_bounds_memory_and_loses_nothing() -> None:
     """on_full='block' with a stalled sink holds at most max_buffer records, blocks the caller, and loses nothing."""
-    sink = StalledSink()
+    sink = GateSink()
     run = steplog.start_run("bp", sinks=[sink], max_buffer=1000, flush_interval=0.005, handle_signals=False)
     steps = 3000
     done = threading.Event()
@@ -79,7 +63,7 @@ def test_block_bounds_memory_and_loses_nothing() -> None:
 
 def test_drop_counts_every_dropped_record_and_warns_once() -> None:
     """on_full='drop' keeps the first max_buffer records, counts each dropped one, and warns exactly once."""
-    sink = StalledSink()
+    sink = GateSink()
     run = steplog.start_run("bp", sinks=[sink], max_buffer=100, on_full="drop", handle_signals=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -103,7 +87,7 @@ def test_drop_counts_every_dropped_record_and_warns_once() -> None:
 
 def test_raise_refuses_at_the_call_and_the_run_goes_on() -> None:
     """on_full='raise' raises BufferFullError at the call once max_buffer records wait; later calls work again."""
-    sink = StalledSink()
+    sink = GateSink()
     run = steplog.start_run("bp", sinks=[sink], max_buffer=100, on_full="raise", handle_signals=False)
     for step in range(100):
         run.log_metric("loss", float(step), step=step)
@@ -121,7 +105,7 @@ def test_raise_refuses_at_the_call_and_the_run_goes_on() -> None:
 @pytest.mark.anyio
 async def test_block_in_the_writers_own_loop_raises_instead_of_deadlocking() -> None:
     """In async code a full buffer cannot block the loop its writer needs: BufferFullError says to await aflush()."""
-    sink = StalledSink()
+    sink = GateSink()
     async with steplog.start_run("bp", sinks=[sink], max_buffer=50, handle_signals=False) as run:
         for step in range(50):
             run.log_metric("loss", float(step), step=step)
@@ -135,7 +119,7 @@ async def test_block_in_the_writers_own_loop_raises_instead_of_deadlocking() -> 
 
 def bytes_per_record(keys_per_step: int, records: int = 100_000) -> float:
     """Bytes of memory each buffered record holds (tracemalloc), with a sink that never takes them."""
-    sink = StalledSink()
+    sink = GateSink()
     run = steplog.start_run("bp", sinks=[sink], max_buffer=10 * records, handle_signals=False)
     names = [f"metric_{i}" for i in range(keys_per_step)]
     run.log_metrics(dict.fromkeys(names, 0.0), step=0)  # keys known, columns made, writer started

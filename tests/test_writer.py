@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 
 import steplog
+from _sinks import WAIT, GateSink
 from steplog import BufferFullError, FlushTimeoutError, WriteError
 from steplog.testing import MemorySink
 from steplog.typing import Batch, Sink
-
-WAIT = 30.0  # generous bound for waits on events (a stuck writer fails the test instead of hanging it)
 
 
 class FailingSink(MemorySink):
@@ -34,22 +33,6 @@ class FailingSink(MemorySink):
             self.failures -= 1
             raise OSError(28, "No space left on device (injected)")
         super().write_sync(batch)
-
-
-class GateSink(MemorySink):
-    """A MemorySink whose writes wait until the test opens the gate; ``entered`` is set when a write starts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    async def write(self, batch: Batch) -> None:
-        import anyio
-
-        self.entered.set()
-        await anyio.to_thread.run_sync(self.gate.wait, WAIT)
-        self.write_sync(batch)
 
 
 class SignalSink(MemorySink):

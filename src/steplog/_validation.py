@@ -90,24 +90,23 @@ def check_experiment_name(name: object) -> str:
     return name
 
 
-def check_param_value(key: str, value: object) -> str:
-    """Return ``str(value)`` for a param, refusing values over MLflow's 6000-character limit."""
+def _stored_text(kind: str, key: str, value: object, limit: int) -> str:
     text = "" if value is None else str(value)
-    if len(text) > MAX_PARAM_VAL_LENGTH:
+    if len(text) > limit:
         raise InvalidValueError(
-            f"param {key!r} is not allowed: values may be at most {MAX_PARAM_VAL_LENGTH} characters (got {len(text)})"
+            f"{kind} {key!r} is not allowed: values may be at most {limit} characters (got {len(text)})"
         )
     return text
+
+
+def check_param_value(key: str, value: object) -> str:
+    """Return ``str(value)`` for a param, refusing values over MLflow's 6000-character limit."""
+    return _stored_text("param", key, value, MAX_PARAM_VAL_LENGTH)
 
 
 def check_tag_value(key: str, value: object) -> str:
     """Return ``str(value)`` for a tag, refusing values over MLflow's 8000-character limit."""
-    text = "" if value is None else str(value)
-    if len(text) > MAX_TAG_VAL_LENGTH:
-        raise InvalidValueError(
-            f"tag {key!r} is not allowed: values may be at most {MAX_TAG_VAL_LENGTH} characters (got {len(text)})"
-        )
-    return text
+    return _stored_text("tag", key, value, MAX_TAG_VAL_LENGTH)
 
 
 def _refuse(key: str, value: object, rule: str) -> InvalidValueError:
