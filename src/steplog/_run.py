@@ -669,8 +669,16 @@ def make_sink(uri: str, options: Options) -> Sink:
         return sink
     scheme, sep, _rest = uri.partition(":")
     if sep and scheme.lower() != "file" and len(scheme) > 1:
+        source = next(
+            (
+                f" (from ${name})"
+                for name in ("STEPLOG_TRACKING_URI", "MLFLOW_TRACKING_URI")
+                if os.environ.get(name) == uri
+            ),
+            "",
+        )
         raise InvalidValueError(
-            f"tracking_uri {uri!r} is not supported: use a directory path, a file: URI, or "
+            f"tracking_uri {uri!r}{source} is not supported: use a directory path, a file: URI, or "
             "http(s)://host:port (an MLflow tracking server)"
         )
     from .sinks.mlruns import MlrunsSink
