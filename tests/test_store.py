@@ -224,7 +224,9 @@ def test_run_ids_resolve_by_unique_prefix(tmp_path: Path) -> None:
     store = Store(root)
     assert run.run_id == store.resolve_run_id(run.run_id[:5])
     assert run.run_id == store.get_run(run.run_id).run_id
-    twin_id = run.run_id[:6] + "0" * 26
+    # shares exactly 6 characters with the run (the 7th differs), so a 7-character prefix is unique
+    seventh = "1" if run.run_id[6] == "0" else "0"
+    twin_id = run.run_id[:6] + seventh * 26
     twin = shutil.copytree(store.get_run(run.run_id).path, store.get_run(run.run_id).path.parent / twin_id)
     meta = (twin / "meta.yaml").read_text().replace(run.run_id, twin_id)
     (twin / "meta.yaml").write_text(meta)
