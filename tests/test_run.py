@@ -428,3 +428,12 @@ def test_repr_names_the_run_and_its_state(store: Path) -> None:
     assert run.run_id in text
     assert "running" in text
     assert "closed" in repr(run)
+
+
+def test_setting_the_run_name_tag_renames_the_run(store: Path) -> None:
+    """Setting ``mlflow.runName`` renames the run in run.info, in meta.yaml and in the tag, as MLflow does."""
+    with steplog.start_run("e", run_name="before", tracking_uri=store) as run:
+        run.set_tag("mlflow.runName", "after")
+        assert "after" == run.info.run_name
+    read = steplog.Store(store).get_run(run.run_id)
+    assert ("after", "after") == (read.run_name, read.tags["mlflow.runName"])

@@ -181,11 +181,14 @@ class Run:
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set a tag (stored as ``str(value)``; setting it again overwrites)."""
-        self._buffer.set_tags({key: value})
+        self.set_tags({key: value})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Set several tags at once."""
+        """Set several tags at once. Setting ``mlflow.runName`` renames the run, as in MLflow."""
         self._buffer.set_tags(tags)
+        name = tags.get("mlflow.runName") if isinstance(tags, Mapping) else None
+        if name is not None and self._info is not None:
+            self._info = dataclasses.replace(self._info, run_name=str(name))
 
     def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Copy a file or directory into the run's artifacts (the writer copies it, not the caller).
