@@ -195,7 +195,8 @@ def _runs(args: argparse.Namespace) -> int:
         keys = list(dict.fromkeys(args.metric))
     else:
         counts = collections.Counter(k for r in runs for k in r.metric_keys)
-        keys = [k for k, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]]
+        # the keys most runs have; among those, the ones people compare runs by (loss, accuracy) first
+        keys = [k for k, _ in sorted(counts.items(), key=lambda kv: (-kv[1], not _headline(kv[0]), kv[0]))[:3]]
     names = {e.experiment_id: e.name for e in store.experiments(include_deleted=True)}
     short = _short_ids([r.run_id for r in runs])
     rows = []
@@ -518,3 +519,9 @@ def _tail_rich(watcher: RunWatcher, args: argparse.Namespace) -> None:
             if run.status != RunStatus.RUNNING:
                 watcher.poll()
             live.update(render(run), refresh=True)
+
+
+def _headline(key: str) -> bool:
+    """True for a metric people usually compare runs by (a loss, an accuracy, a score)."""
+    name = key.rsplit("/", 1)[-1].lower()
+    return any(word in name for word in ("loss", "acc", "score", "reward", "f1", "auc", "perplexity"))
