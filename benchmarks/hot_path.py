@@ -81,7 +81,7 @@ def _timer_floor() -> float:
 
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
-    rounds = c.pick(mode, 1, 3, 7)
+    rounds = c.pick(mode, 1, 2, 7)
     samples = c.pick(mode, 1, 2, 4)
     budget = c.pick(mode, 0.002, 0.06, 0.25)
     usable, notes = cs.available(cs.ALL)

@@ -68,7 +68,7 @@ def _loop(work: Callable[[], object], steps: int, logger: Any, use_dict: bool) -
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
     rounds = c.pick(mode, 1, 2, 5)
-    steps = c.pick(mode, 5, 300, 1500)
+    steps = c.pick(mode, 5, 200, 1500)
     budget = c.pick(mode, 0.01, 0.15, 0.6)
     n_busy = c.calibrate_busy(STEP_S)
     blob = _calibrate_hash(STEP_S)
