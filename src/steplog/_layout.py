@@ -114,7 +114,7 @@ def _yaml_scalar(value: Any) -> str:
             return value  # plain scalars MLflow itself would write unquoted (active, names, ...)
         # A JSON string is a valid YAML double-quoted scalar, except for characters YAML refuses raw
         # (DEL, C1 controls, U+FFFE/FFFF, lone surrogates) or reads as line breaks (U+0085, U+2028,
-        # U+2029): those are written as \uXXXX escapes, which both readers decode exactly.
+        # U+2029): those are written as \u escapes (four hex digits), which both readers decode exactly.
         return _YAML_UNSAFE.sub(_escape_char, json.dumps(value, ensure_ascii=False))
     if isinstance(value, (list, tuple)) and not value:
         return "[]"
