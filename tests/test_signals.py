@@ -60,6 +60,15 @@ def read_run(store: Path) -> tuple[Any, list[int], list[int]]:
     return run, loss, acc
 
 
+def assert_ended_with_every_point(store: Path, status: str, steps: int) -> None:
+    """MLflow reads the run with ``status``, an end time, and every step of both metrics."""
+    run, loss, acc = read_run(store)
+    assert status == run.info.status
+    assert run.info.end_time is not None
+    assert list(range(steps)) == loss
+    assert list(range(steps)) == acc
+
+
 T, INT = signal.SIGTERM, signal.SIGINT
 
 # (hosting, user handler, signal, expected status, steps expected on disk, tell the child to go on)
@@ -92,11 +101,7 @@ def test_signal_writes_pending_data_and_exits_as_without_steplog(
     store = tmp_path / "mlruns"
     rc, err = run_child(store, hosting, handler, signum, send_go=send_go)
     assert expected_rc == rc, err
-    run, loss, acc = read_run(store)
-    assert status == run.info.status
-    assert run.info.end_time is not None
-    assert list(range(steps)) == loss
-    assert list(range(steps)) == acc
+    assert_ended_with_every_point(store, status, steps)
 
 
 @pytest.mark.parametrize(
@@ -111,8 +116,4 @@ def test_exception_in_with_flushes_and_sets_status(tmp_path: Path, hosting: str,
     store = tmp_path / "mlruns"
     rc, err = run_child(store, hosting, "default", None)
     assert expected_rc == rc, err
-    run, loss, acc = read_run(store)
-    assert status == run.info.status
-    assert run.info.end_time is not None
-    assert list(range(STEPS)) == loss
-    assert list(range(STEPS)) == acc
+    assert_ended_with_every_point(store, status, STEPS)
