@@ -117,3 +117,52 @@ def test_exception_in_with_flushes_and_sets_status(tmp_path: Path, hosting: str,
     rc, err = run_child(store, hosting, "default", None)
     assert expected_rc == rc, err
     assert_ended_with_every_point(store, status, STEPS)
+
+
+CLOSING_CHILD = """
+import sys, time
+import steplog
+from steplog.testing import MemorySink
+
+class SlowSink(MemorySink):
+    def write_sync(self, batch):
+        time.sleep(0.05)
+        super().write_sync(batch)
+
+    async def write(self, batch):
+        import anyio
+        await anyio.to_thread.run_sync(self.write_sync, batch)
+
+run = steplog.start_run("signals", tracking_uri=sys.argv[1], sinks=[SlowSink()], flush_interval=0.01)
+for step in range(50):
+    run.log_metrics({"loss": float(step), "acc/top1": 1.0}, step=step)
+    run.flush()  # one slow write a step: close() below has work left when the signal lands
+print("closing", flush=True)
+for step in range(50, 60):
+    run.log_metrics({"loss": float(step), "acc/top1": 1.0}, step=step)
+run.close()
+time.sleep(30)  # the signal ends the process before this
+"""
+
+
+def test_sigterm_during_close_lets_the_close_finish(tmp_path: Path) -> None:
+    """A SIGTERM that lands while close() writes waits for that close: the run ends with every point, not RUNNING."""
+    store = tmp_path / "mlruns"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLOSING_CHILD, str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert "closing" == proc.stdout.readline().strip()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert -signal.SIGTERM == proc.returncode, err
+    run, loss, acc = read_run(store)
+    assert "FINISHED" == run.info.status  # the close under way was a normal end
+    assert run.info.end_time is not None
+    assert list(range(60)) == loss
+    assert list(range(60)) == acc

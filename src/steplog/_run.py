@@ -138,6 +138,7 @@ class Run:
         self._info: RunInfo | None = None
         self._pid = os.getpid()
         self._close_lock = threading.Lock()
+        self._close_done = threading.Event()  # set when _finish has recorded the end (any thread)
         self._signalled = False  # set by steplog's SIGTERM/SIGINT handler while this run was open
         # The hot path: bind the buffer's methods on the instance, so run.log_metric(...) is
         # one call with no delegation (the class methods below carry the docs and types).
@@ -484,6 +485,12 @@ class Run:
 
     async def _finish(self, status: RunStatus, timeout: float) -> None:
         """Drain, write, record the end: the common close path (runs in the writer's loop)."""
+        try:
+            await self._finish_once(status, timeout)
+        finally:
+            self._close_done.set()
+
+    async def _finish_once(self, status: RunStatus, timeout: float) -> None:
         end_time = _now_ms()
         error: BaseException | None = None
         deadline = anyio.current_time() + timeout
@@ -523,6 +530,11 @@ class Run:
 
     def _emergency_close(self, status: RunStatus) -> None:
         """Close from a signal handler or at exit: bounded, never raises."""
+        if self._state == "closing" and self._host is not None:
+            # a close is under way on the writer's thread (the signal may have interrupted the very
+            # thread waiting for it): let it write everything and record the end before we go on
+            self._close_done.wait(self._options.close_timeout)
+            return
         if self._host is not None or self._state == "new":
             try:
                 self.close(status, timeout=self._options.close_timeout)
