@@ -139,6 +139,7 @@ class Run:
         self._pid = os.getpid()
         self._close_lock = threading.Lock()
         self._close_done = threading.Event()  # set when _finish has recorded the end (any thread)
+        self._finish_started = False
         self._signalled = False  # set by steplog's SIGTERM/SIGINT handler while this run was open
         # The hot path: bind the buffer's methods on the instance, so run.log_metric(...) is
         # one call with no delegation (the class methods below carry the docs and types).
@@ -485,6 +486,7 @@ class Run:
 
     async def _finish(self, status: RunStatus, timeout: float) -> None:
         """Drain, write, record the end: the common close path (runs in the writer's loop)."""
+        self._finish_started = True
         try:
             await self._finish_once(status, timeout)
         finally:
@@ -531,9 +533,16 @@ class Run:
     def _emergency_close(self, status: RunStatus) -> None:
         """Close from a signal handler or at exit: bounded, never raises."""
         if self._state == "closing" and self._host is not None:
-            # a close is under way on the writer's thread (the signal may have interrupted the very
-            # thread waiting for it): let it write everything and record the end before we go on
-            self._close_done.wait(self._options.close_timeout)
+            # a close is under way (the signal may have interrupted the very thread waiting for it):
+            # let it write everything and record the end before we go on; if the signal landed
+            # before that close reached the writer's thread, run it from here
+            timeout = self._options.close_timeout
+            if not self._finish_started:
+                try:
+                    self._host.call(self._finish, status, timeout, timeout=timeout + 5.0)
+                except Exception as exc:  # nobody is left to catch it: say it on stderr
+                    logging.getLogger("steplog").error("steplog: closing run %s: %s", self._request.run_name, exc)
+            self._close_done.wait(timeout)
             return
         if self._host is not None or self._state == "new":
             try:
