@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from collections.abc import Iterator
@@ -362,3 +363,21 @@ def test_renaming_through_the_run_name_tag(store: Path) -> None:
         run.set_tag("mlflow.runName", "after")
     got = MlflowClient(tracking_uri=store.as_uri()).get_run(run.run_id)
     assert ("after", "after") == (got.info.run_name, got.data.tags["mlflow.runName"])
+
+
+def test_fsync_durability_with_more_keys_than_open_files(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """durability='fsync' with more keys than the open-file cap fsyncs each metric file itself, and writes all."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))  # the file the descriptor is open on right now
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with steplog.start_run("fsync", tracking_uri=store, durability="fsync") as run:
+        run.log_metrics({f"k{i:03d}": float(i) for i in range(200)}, step=0)
+    metric_files = {Path(p).name for p in synced if "/metrics/" in p}
+    assert {f"k{i:03d}" for i in range(200)} == metric_files
+    client = MlflowClient(tracking_uri=store.as_uri())
+    assert 200 == len(client.get_run(run.run_id).data.metrics)

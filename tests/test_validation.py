@@ -314,3 +314,10 @@ def test_errors_are_raised_at_the_log_call() -> None:
 def test_colon_is_allowed_on_posix() -> None:
     """On POSIX the colon is a valid key character, as in MLflow."""
     assert "eval:acc" == check_key("eval:acc")
+
+
+@pytest.mark.parametrize("check", [check_param_value, check_tag_value])
+def test_values_that_are_not_valid_unicode_are_refused(check: Any) -> None:
+    """A lone surrogate can never be written to a file or sent to a server, so it is refused at the call."""
+    with pytest.raises(InvalidValueError, match="not valid Unicode"):
+        check("p", "a\ud800")

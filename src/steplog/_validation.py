@@ -92,6 +92,12 @@ def check_experiment_name(name: object) -> str:
 
 def _stored_text(kind: str, key: str, value: object, limit: int) -> str:
     text = "" if value is None else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no file or server could ever store it
+        raise InvalidValueError(
+            f"{kind} {key!r} is not allowed: the value is not valid Unicode text ({exc.reason} at {exc.start})"
+        ) from None
     if len(text) > limit:
         raise InvalidValueError(
             f"{kind} {key!r} is not allowed: values may be at most {limit} characters (got {len(text)})"

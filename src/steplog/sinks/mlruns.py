@@ -237,13 +237,13 @@ class MlrunsSink:
         """Write a batch; each finished entry is marked in ``batch.done`` (a retry skips it)."""
         with self._lock:
             done = batch.done
-            touched: list[int] = []
             for key, items in batch.metrics:
                 if ("metric", key) in done:
                     continue
                 fd = self._write_metric(key, items)
                 if fd is not None and self._fsync:
-                    touched.append(fd)
+                    # now, while the descriptor is surely open (the open-file cap may close it later)
+                    self._fsync_metric(key, fd)
                 done.add(("metric", key))
             for key, text in batch.params:
                 if ("param", key) not in done:
@@ -260,8 +260,6 @@ class MlrunsSink:
                 if ("artifact", record.artifact_path) not in done:
                     self._write_artifact(record)
                     done.add(("artifact", record.artifact_path))
-            for fd in touched:
-                os.fsync(fd)
 
     def _encode(self, key: str, items: list[Any]) -> bytes:
         """Lines for a key's items, without points identical to one already written or queued."""
@@ -367,6 +365,13 @@ class MlrunsSink:
         self._created.add(key)
         self._remember(key, handle)
         return handle
+
+    def _fsync_metric(self, key: str, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            assert self.run_dir is not None
+            raise _write_error(self.run_dir / "metrics" / key, exc) from exc
 
     def _remember(self, key: str, handle: _MetricFile) -> None:
         self._files[key] = handle
