@@ -130,25 +130,41 @@ def test_dropped_and_queued_while_stalled() -> None:
 
 
 def test_stats_is_cheap_and_safe_from_other_threads() -> None:
-    """stats() can be polled from another thread while logging, and every snapshot is consistent."""
-    snapshots: list[Stats] = []
+    """stats() polled from another thread while logging sees each record once: logged never runs ahead of the calls."""
+    snapshots: list[tuple[int, Stats, int]] = []
     stop = threading.Event()
+    calls = 0
     with steplog.start_run("stats", sinks=[MemorySink()], handle_signals=False, flush_interval=0.001) as run:
 
         def poll() -> None:
             while not stop.is_set():
-                snapshots.append(run.stats())
-                time.sleep(0.001)
+                before = calls
+                snap = run.stats()
+                snapshots.append((before, snap, calls))
+                time.sleep(0.0005)
 
         poller = threading.Thread(target=poll)
         poller.start()
         for step in range(20_000):
             run.log_metric("loss", float(step), step=step)
+            calls += 1
         run.flush()
         stop.set()
         poller.join()
     assert snapshots
-    for snap in snapshots:
-        assert snap.logged >= snap.written
-        assert 0 <= snap.queued <= 20_000
+    previous = 0
+    for before, snap, after in snapshots:
+        # a call may be halfway done when the snapshot is taken: at most one record beyond ``after``
+        assert before <= snap.logged <= after + 1, (before, snap, after)
+        assert snap.logged == snap.written + snap.queued + snap.dropped
+        assert previous <= snap.logged
+        previous = snap.logged
     assert (20_000, 20_000) == (run.stats().logged, run.stats().written)
+
+
+def test_flush_latency_ignores_caller_given_timestamps() -> None:
+    """A point logged with an old explicit timestamp does not make the flush latency years long."""
+    with steplog.start_run("lat", sinks=[MemorySink()], handle_signals=False) as run:
+        run.log_metric("loss", 1.0, step=0, timestamp=1000)
+        run.flush()
+        assert run.stats().max_flush_latency < 60.0

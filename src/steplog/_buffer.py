@@ -140,6 +140,8 @@ class Buffer:
         self._cap = self._open_cap
         self._pending_seen = 0  # records the writer holds, as it last said (set_pending)
         self._in_drain = 0  # records taken by drain() that the writer has not counted yet
+        self.count_lock = threading.RLock()
+        """Held while records move between the columns, the drain and the writer (never on the hot path)."""
         self._value_hook = value_hook
         self._dropped = 0
         self._warned_drop = False
@@ -387,14 +389,15 @@ class Buffer:
         if self._cap > 0:
             self._cap = 0  # calls during the drain take the slow path, which counts everything
         metrics: list[tuple[str, list[Any]]] = []
-        for key, col in list(self._cols.items()):
-            n = len(col)
-            if n:
-                items = col[:n]
-                self._in_drain += n // 3  # counted before the column shrinks
-                del col[:n]
-                metrics.append((key, items))
-        self._refresh_cap()
+        with self.count_lock:
+            for key, col in list(self._cols.items()):
+                n = len(col)
+                if n:
+                    items = col[:n]
+                    self._in_drain += n // 3  # counted before the column shrinks
+                    del col[:n]
+                    metrics.append((key, items))
+            self._refresh_cap()
         events: list[Event] = []
         pop = self._events.popleft
         while True:
@@ -436,9 +439,10 @@ class Buffer:
         slow path, where ``on_full`` applies once the whole run holds ``max_buffer``. So
         memory stays bounded by ``max_buffer`` however many keys there are.
         """
-        self._pending_seen = pending
-        self._in_drain = 0  # what drain() took is counted in ``pending`` now
-        self._refresh_cap()
+        with self.count_lock:
+            self._pending_seen = pending
+            self._in_drain = 0  # what drain() took is counted in ``pending`` now
+            self._refresh_cap()
 
     def _refresh_cap(self) -> None:
         """Set the per-key limit so that all columns together cannot pass ``max_buffer`` on the fast path.

@@ -105,6 +105,7 @@ class Writer:
         self._stopping = False
         self._running = False
         self._retry_at = 0.0
+        self._last_drain_ms = int(time.time() * 1000)  # nothing can be logged before the writer exists
         self._backoff = 0.0
         # statistics (written only by the writer task)
         self._written = 0
@@ -211,8 +212,9 @@ class Writer:
         if metrics or events:
             work = self._make_work(metrics, events)
             self._pending.append(work)
-            self._pending_points += work.points
-            self._buffer.set_pending(self._pending_count())  # the buffer's room shrinks by what we hold
+            with self._buffer.count_lock:  # hand the drained records over without stats() seeing them twice
+                self._pending_points += work.points
+                self._buffer.set_pending(self._pending_count())  # the buffer's room shrinks by what we hold
             wrote = await self._retry() or wrote
         else:
             self._buffer.set_pending(self._pending_count())  # what drain() took is counted (none, or deferred)
@@ -230,7 +232,13 @@ class Writer:
                 tags.append((a, b))
             else:
                 artifacts.append(a)
-        oldest = min((items[0] for _k, items in metrics), default=int(time.time() * 1000))
+        # Latency counts from the oldest record's stamp, but never from before the previous drain
+        # (anything older was drained then) nor from the future: a caller-given timestamp may be
+        # anything, and must not turn into a flush latency of years.
+        now = int(time.time() * 1000)
+        first = min((items[0] for _k, items in metrics), default=now)
+        oldest = min(max(first, self._last_drain_ms), now)
+        self._last_drain_ms = now
         batches: list[Batch | None] = [
             Batch(metrics=metrics, params=params, tags=tags, artifacts=artifacts) for _ in self._sinks
         ]
@@ -254,9 +262,10 @@ class Writer:
                 work.batches[i] = None
             if work.finished():
                 self._pending.remove(work)
-                self._pending_points -= work.points
-                self._buffer.set_pending(self._pending_count())
-                self._written += work.points
+                with self._buffer.count_lock:  # written and pending change together for stats()
+                    self._written += work.points
+                    self._pending_points -= work.points
+                    self._buffer.set_pending(self._pending_count())
                 self._flushes += 1
                 wrote = True
                 latency = max(0.0, time.time() - work.oldest_ms / 1000)
@@ -406,12 +415,14 @@ class Writer:
 
     def stats(self) -> Stats:
         buffer = self._buffer
-        queued = buffer.queued()
         deferred = self.deferred
-        dropped = buffer.dropped + (deferred.dropped if deferred is not None else 0)
+        with buffer.count_lock:  # one consistent snapshot of the counts the writer hands over
+            queued = buffer.queued()
+            written = self._written
+            dropped = buffer.dropped + (deferred.dropped if deferred is not None else 0)
         return Stats(
-            logged=self._written + queued + dropped,
-            written=self._written,
+            logged=written + queued + dropped,
+            written=written,
             queued=queued,
             dropped=dropped,
             flushes=self._flushes,
