@@ -306,3 +306,19 @@ def test_empty_input() -> None:
     """An empty file, or one holding only a torn line, has no points and no bad lines."""
     assert ([], [], [], 0) == parse_metric_lines(b"")
     assert ([], [], [], 0) == parse_metric_lines(b"1700000000000 0.")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a long experiment name with spaces that PyYAML wraps onto a second line when MLflow dumps it",
+        "it's a long name with a quote: that forces quoting, and it is long enough to wrap in PyYAML's dump",
+    ],
+)
+def test_parse_meta_reads_long_values_that_pyyaml_wraps(name: str) -> None:
+    """A long value MLflow's safe_dump wraps over lines reads back whole (not cut at the first line)."""
+    import yaml
+
+    text = yaml.safe_dump({"experiment_id": "1", "lifecycle_stage": "active", "name": name}, allow_unicode=True)
+    assert "\n  " in text or "\n " in text  # the case under test: the value continues on another line
+    assert name == parse_meta(text)["name"]

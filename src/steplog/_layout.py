@@ -149,9 +149,11 @@ def _parse_scalar(text: str) -> Any:
         return []
     if text == "{}":
         return {}
-    if text[0] == "'" and text.endswith("'") and len(text) >= 2:
-        return text[1:-1].replace("''", "'")
-    if text[0] == '"' and text.endswith('"') and len(text) >= 2:
+    if text[0] in "'\"":
+        if len(text) < 2 or not text.endswith(text[0]):
+            raise ValueError("a quoted scalar that continues on the next line")  # PyYAML wraps long values
+        if text[0] == "'":
+            return text[1:-1].replace("''", "'")
         return json.loads(text)
     if re.fullmatch(r"[-+]?\d+", text):
         return int(text)
@@ -168,10 +170,13 @@ def parse_meta(text: str) -> dict[str, Any]:
     Falls back to PyYAML, when installed, for anything the flat parser does not understand.
     """
     out: dict[str, Any] = {}
+    after_scalar = False
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         if line[0] in " \t-":
+            if after_scalar:  # a long value PyYAML wrapped onto the next line: let PyYAML read it
+                return _parse_meta_yaml(text)
             continue  # a nested block (e.g. ``tags:`` of a deleted experiment): not needed
         key, sep, rest = line.partition(":")
         if not sep:
@@ -180,6 +185,7 @@ def parse_meta(text: str) -> dict[str, Any]:
             out[key.strip()] = _parse_scalar(rest)
         except ValueError:
             return _parse_meta_yaml(text)
+        after_scalar = bool(rest.strip())
     return out
 
 
