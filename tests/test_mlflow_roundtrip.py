@@ -381,3 +381,25 @@ def test_fsync_durability_with_more_keys_than_open_files(store: Path, monkeypatc
     assert {f"k{i:03d}" for i in range(200)} == metric_files
     client = MlflowClient(tracking_uri=store.as_uri())
     assert 200 == len(client.get_run(run.run_id).data.metrics)
+
+
+def test_params_and_tags_are_written_without_temp_files_beside_them(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Param and tag files are replaced through a temp file in the run folder, never in params/ or tags/."""
+    import steplog._layout as layout
+
+    temp_dirs: list[str] = []
+    real_replace = os.replace
+
+    def recording_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if Path(src).name.startswith(layout.TMP_PREFIX):
+            temp_dirs.append(Path(src).parent.name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    with steplog.start_run("tmp", tracking_uri=store) as run:
+        run.log_params({"lr": 0.1, "nested/p": 1})
+        run.set_tags({"team": "ml"})
+    assert temp_dirs
+    assert not {"params", "tags", "nested"} & set(temp_dirs), temp_dirs

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from ._layout import (
     iter_files,
     parse_meta,
     uri_to_path,
+    write_atomic,
 )
 from ._records import RunStatus
 
@@ -155,7 +154,7 @@ def _check_run_meta(run_dir: Path, artifact_location: str, *, repair: bool) -> l
         problem = "run meta.yaml does not match what MLflow requires: " + "; ".join(notes)
         repaired = None
         if repair:
-            _write_atomic(meta_path, dump_meta({**meta, **fixes}).encode())
+            write_atomic(meta_path, dump_meta({**meta, **fixes}).encode())
             repaired = "rewrote meta.yaml: " + "; ".join(notes)
         findings.append(Finding(meta_path, problem, repaired))
     for name in ("metrics", "params", "artifacts"):
@@ -213,7 +212,7 @@ def _check_metric_file(path: Path, run_dir: Path, *, repair: bool) -> list[Findi
         repaired = None
         if repair:
             if keep:
-                _write_atomic(path, b"".join(line + b"\n" for line in keep), temp_dir=run_dir)
+                write_atomic(path, b"".join(line + b"\n" for line in keep), temp_dir=run_dir)
                 dropped = f"{len(bad)} unreadable and {duplicates} duplicates dropped"
                 repaired = f"rewrote the file with {len(keep)} lines ({dropped})"
             else:
@@ -268,18 +267,6 @@ def _read_meta(path: Path) -> tuple[dict[str, Any], str | None]:
     if not isinstance(meta, dict) or not meta:
         return {}, "meta.yaml is not a mapping"
     return meta, None
-
-
-def _write_atomic(path: Path, data: bytes, *, temp_dir: Path | None = None) -> None:
-    # metric files are replaced through a temp file in the run folder (never in metrics/, where
-    # MLflow would read it as a metric)
-    tmp = (temp_dir or path.parent) / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _truncate(path: Path, size: int) -> None:

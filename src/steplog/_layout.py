@@ -243,9 +243,13 @@ def run_meta(
     }
 
 
-def write_atomic(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file in the same directory, then ``os.replace``)."""
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}")
+def write_atomic(path: Path, data: bytes, *, fsync: bool = False, temp_dir: Path | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically (a temp file, then ``os.replace``).
+
+    ``temp_dir`` (same filesystem) holds the temp file; give the run directory for anything under
+    ``metrics/``, ``params/`` or ``tags/``, where MLflow would read a stray temp file as an entry.
+    """
+    tmp = (temp_dir or path.parent) / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)

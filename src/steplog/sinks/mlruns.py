@@ -387,7 +387,7 @@ class MlrunsSink:
             if folder == "params" and path.exists() and path.read_bytes() == data:
                 return
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, data, fsync=self._fsync)
+            write_atomic(path, data, fsync=self._fsync, temp_dir=self.run_dir)  # not in params/ or tags/
         except OSError as exc:
             raise _write_error(path, exc) from exc
         self.bytes_written += len(data)
