@@ -144,3 +144,23 @@ def test_memory_per_buffered_record_is_at_most_64_bytes() -> None:
     """
     assert bytes_per_record(10) <= 64
     assert bytes_per_record(1, records=50_000) <= 88
+
+
+def test_memory_stays_bounded_when_keys_are_logged_at_different_rates() -> None:
+    """A busy key and a rare one with a stalled sink: the whole run still holds at most max_buffer records."""
+    sink = GateSink()
+    run = steplog.start_run("bp", sinks=[sink], max_buffer=1000, on_full="drop", handle_signals=False)
+    most = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run.log_metrics({"busy": 0.0, "rare": 0.0}, step=0)
+        for step in range(1, 3000):
+            run.log_metric("busy", float(step), step=step)
+            if step % 3 == 0:
+                run.log_metric("rare", float(step), step=step)
+            most = max(most, run.stats().queued)
+    assert most <= 1000 + 2  # a record per key may race the bound
+    sink.gate.set()
+    run.close()
+    stats = run.stats()
+    assert stats.logged == stats.written + stats.dropped

@@ -298,6 +298,10 @@ class Buffer:
         """Apply ``on_full`` once the buffer holds ``max_buffer`` records; False means drop this record."""
         self._check_usable()
         if self.queued() < self._max_buffer:
+            # this column grows past its share: shrink the other keys' shares, or the fast path would
+            # let them fill the room it takes (rare: only while the writer is behind)
+            with self.count_lock:
+                self._refresh_cap()
             return True
         if self._on_full == "drop":
             with self._lock:
