@@ -522,3 +522,11 @@ def test_an_artifact_the_server_cannot_take_does_not_stall_the_rest(tmp_path: Pa
         run.close()
     assert [1] == server.steps("after")
     assert "--serve-artifacts" in str(info.value)
+
+
+def test_redact_keeps_ipv6_hosts_and_ports() -> None:
+    """Credentials are removed from a URL while an IPv6 literal keeps its brackets and port."""
+    from steplog.sinks.mlflow_rest import redact
+
+    assert "http://[::1]:5000/x" == redact("http://user:secret@[::1]:5000/x")
+    assert "https://host:8443/a" == redact("https://user:secret@host:8443/a")

@@ -243,9 +243,7 @@ def redact(url: str) -> str:
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # keeps an IPv6 literal's brackets and the port as written
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
