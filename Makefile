@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export MLFLOW_ALLOW_FILE_STORE := true
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test test-min lint bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,22 @@ demo: $(VENV)/.installed-core
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
+# The core suite (no mlflow, no torch) on the lowest versions pyproject.toml declares, in .venv-min.
+.venv-min/.installed: pyproject.toml .ci/min_requirements.py
+	$(PYTHON) -m venv .venv-min
+	.venv-min/bin/python -m pip install -q --upgrade pip
+	$(PYTHON) .ci/min_requirements.py > .venv-min/requirements.txt
+	.venv-min/bin/python -m pip install -q -r .venv-min/requirements.txt
+	.venv-min/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-min: .venv-min/.installed
+	.venv-min/bin/python -m pytest -q -m "not mlflow and not torch"
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/mypy
+	$(BIN)/mypy src/steplog tests
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
@@ -42,4 +54,4 @@ bench-quick: $(VENV)/.installed-bench
 	$(BIN)/steplog bench --quick
 
 clean:
-	rm -rf $(VENV) mlruns .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-min mlruns .pytest_cache .mypy_cache .ruff_cache
