@@ -100,7 +100,7 @@ def _source(uri: str) -> str:
 
 
 def _refuse(uri: str, why: str) -> InvalidValueError:
-    return InvalidValueError(f"tracking_uri {redact_uri(uri)!r}{_source(uri)} is not supported: {_SUPPORTED} ({why})")
+    return InvalidValueError(f"tracking_uri {redact_uri(uri)!r}{_source(uri)} is not supported: {_SUPPORTED}; {why}")
 
 
 def make_sink(uri: str, options: Options) -> Sink:
