@@ -276,9 +276,13 @@ class Run:
             if self._state is RunState.RUNNING:
                 return self
             raise self._refuse_restart()
-        self._host, self._info = await LoopHosting.start(
-            self._writer, self._buffer, self._request, self._finish, self._finish_sync
-        )
+        try:
+            self._host, self._info = await LoopHosting.start(
+                self._writer, self._buffer, self._request, self._finish, self._finish_sync
+            )
+        except Exception:
+            _exit.unregister(self)  # the destination refused the run and the caller has the error: not again at exit
+            raise
         self._set_state(RunState.RUNNING)
         _exit.register(self)
         return self
