@@ -1,12 +1,60 @@
-"""The public API is exactly what steplog/__init__.py re-exports (STYLE.md)."""
+"""The public API is exactly what each public module's ``__all__`` lists (STYLE.md).
+
+Public modules: ``steplog`` (explicit re-exports from private modules), the topic modules
+``steplog.store``, ``steplog.testing``, ``steplog.typing``, and ``steplog.sinks`` with its
+public submodules.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+import subprocess
+import sys
+from types import ModuleType
+
+import pytest
+
 import steplog
+import steplog.sinks
+
+TOPIC_MODULES = ["steplog.store", "steplog.testing", "steplog.typing", "steplog.sinks"]
+SINK_MODULES = sorted(
+    f"steplog.sinks.{info.name}"
+    for info in pkgutil.iter_modules(steplog.sinks.__path__)
+    if not info.name.startswith("_")
+)
+# Public-looking classes and functions these modules define outside their __all__, left to the helpers
+# that own the modules (the REST sink is being split, its helpers moved to private modules). The xfail is
+# strict: once the module is tidy, the test passes and the mark must go.
+UNTIDY = {
+    "steplog.sinks.mlruns": "cut_torn_tail and align_lines are public names outside __all__",
+    "steplog.sinks.mlflow_rest": "redact, client_options, parse_retry_after, ... are public names outside __all__",
+}
+
+
+def _module_params() -> list[object]:
+    params: list[object] = []
+    for name in TOPIC_MODULES + SINK_MODULES:
+        marks = [pytest.mark.xfail(strict=True, reason=UNTIDY[name])] if name in UNTIDY else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def _defined_here(module: ModuleType) -> set[str]:
+    """Public classes and functions whose home is ``module`` (not names it imported from elsewhere)."""
+    return {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and getattr(value, "__module__", None) == module.__name__
+    }
 
 
 def test_all_matches_public_names() -> None:
-    """__all__ is sorted and lists every public name defined by the package root, and no other."""
+    """The root __all__ is sorted and lists every public name defined by the package root, and no other."""
     public = {name for name in dir(steplog) if not name.startswith("_")} - {
         # submodules that importing the package binds as attributes
         "cli",
@@ -20,8 +68,25 @@ def test_all_matches_public_names() -> None:
 
 
 def test_exported_members_come_from_private_modules() -> None:
-    """Every exported class or function is defined in a private module or a public topic module."""
+    """Every exported class or function of the root exists and says it belongs to ``steplog``."""
     for name in steplog.__all__:
         member = getattr(steplog, name)
-        module = getattr(member, "__module__", "steplog")
-        assert module.startswith("steplog"), (name, module)
+        if inspect.isclass(member) or inspect.isfunction(member):
+            assert "steplog" == member.__module__, name
+
+
+def test_public_classes_print_as_steplog_names() -> None:
+    """Errors, types and start_run print as ``steplog.X`` (not ``steplog._errors.X``), before any other use."""
+    code = "import steplog; print(steplog.RunStateError, steplog.RunStatus.__module__, steplog.start_run.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert ["<class", "'steplog.RunStateError'>", "steplog", "steplog"] == out
+
+
+@pytest.mark.parametrize("name", _module_params())
+def test_each_public_module_exports_exactly_its_public_names(name: str) -> None:
+    """Each public module's __all__ is sorted, every name in it exists, and no public class or function is left out."""
+    module = importlib.import_module(name)
+    exported = list(module.__all__)
+    assert sorted(exported) == exported
+    assert [] == [n for n in exported if not hasattr(module, n)]
+    assert set() == _defined_here(module) - set(exported)

@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import getpass
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mlflow.tracking import MlflowClient
 
 import steplog
+from _sinks import WAIT, GateSink
 from steplog import InvalidValueError, RunStateError, RunStatus
 from steplog.testing import MemorySink
+from steplog.typing import Batch, RunRequest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,23 @@ SCENARIOS = [
     Scenario("exception", ValueError, "FAILED"),
     Scenario("KeyboardInterrupt", KeyboardInterrupt, "KILLED"),
 ]
+
+
+class FailingSink(MemorySink):
+    """A sink whose every write fails with an OS error (a disk that cannot be written)."""
+
+    async def write(self, batch: Batch) -> None:
+        self.write_sync(batch)
+
+    def write_sync(self, batch: Batch) -> None:
+        raise OSError(errno.EIO, "disk on fire")
+
+
+class DeniedSink(MemorySink):
+    """A sink whose folder the user may not write: opening the run is refused by the OS."""
+
+    async def open(self, request: RunRequest) -> steplog.RunInfo:
+        raise PermissionError(errno.EACCES, "Permission denied", "/data/mlruns")
 
 
 def body(run: steplog.Run, scenario: Scenario) -> None:
@@ -158,10 +180,80 @@ async def test_aclose_is_idempotent(store: Path, anyio_backend: str) -> None:
 
 
 def test_flush_after_close_is_a_no_op(store: Path) -> None:
-    """A barrier on a closed run returns at once (everything was written by close)."""
+    """A barrier on a closed run returns at once: close wrote everything, and the barrier writes nothing more."""
     with steplog.start_run("closed", tracking_uri=store) as run:
         run.log_metric("x", 1.0)
+    before = run.stats()
     run.flush()
+    assert (1, 0, before.flushes) == (run.stats().written, run.stats().queued, run.stats().flushes)
+    assert [1.0] == steplog.Store(store).metric_history(run.run_id, "x").values
+
+
+def test_flush_during_close_waits_for_the_close(store: Path) -> None:
+    """flush() while close() is writing waits for the close and returns once the points are written (no WriteError)."""
+    sink = GateSink()
+    run = steplog.start_run("race", sinks=[sink], flush_interval=60.0)
+    run.log_metric("x", 1.0)
+    outcome: dict[str, object] = {}
+
+    def flush() -> None:
+        try:
+            run.flush()
+            outcome["written"] = sink.values("x")
+        except Exception as exc:
+            outcome["error"] = exc
+
+    closer = threading.Thread(target=run.close)
+    closer.start()
+    assert sink.entered.wait(WAIT)  # the close is writing the point: the run is closing, the point in flight
+    flusher = threading.Thread(target=flush)
+    flusher.start()
+    sink.gate.set()
+    closer.join(WAIT)
+    flusher.join(WAIT)
+    assert {"written": [1.0]} == outcome
+
+
+def test_a_barrier_after_a_failed_close_says_what_was_not_written(store: Path) -> None:
+    """flush() after a close that could not write raises WriteError naming the sink's error, never ``None``."""
+    sink = FailingSink()
+    run = steplog.start_run("failed", sinks=[sink], close_timeout=0.5)
+    run.log_metric("x", 1.0)
+    with pytest.raises(steplog.WriteError):
+        run.close()
+    with pytest.raises(steplog.WriteError, match="disk on fire") as caught:
+        run.flush()
+    assert "None" not in str(caught.value)
+
+
+@pytest.mark.parametrize("how", ["aclose in a second loop", "close outside any loop"])
+def test_a_run_whose_event_loop_ended_is_refused_by_barriers_and_closed_in_full(store: Path, how: str) -> None:
+    """After its loop ended unclosed, barriers raise RunStateError saying what to do; a close writes everything."""
+    runs: list[steplog.Run] = []
+
+    async def first() -> None:  # the loop ends without leaving the run
+        run = await steplog.start_run("orphan", tracking_uri=store).astart()
+        run.log_metric("x", 1.0, step=0)
+        await run.aflush()
+        runs.append(run)
+
+    anyio.run(first, backend="asyncio")  # trio refuses a task group left open: only asyncio can get here
+    (run,) = runs
+    run.log_metric("x", 2.0, step=1)
+
+    async def second() -> None:
+        with pytest.raises(RunStateError, match=r"event loop it ran in ended.*run\.close\(\)"):
+            await run.aflush()
+        with pytest.raises(RunStateError, match="event loop it ran in ended"):
+            run.flush()
+        if how == "aclose in a second loop":
+            await run.aclose()
+
+    anyio.run(second, backend="asyncio")
+    if how == "close outside any loop":
+        run.close()
+    assert "FINISHED" == MlflowClient(tracking_uri=store.as_uri()).get_run(run.run_id).info.status
+    assert [1.0, 2.0] == steplog.Store(store).metric_history(run.run_id, "x").values
 
 
 def test_a_closed_run_cannot_be_entered_again(store: Path) -> None:
@@ -278,8 +370,9 @@ async def test_astart_then_aclose_without_context_manager(store: Path, anyio_bac
 def test_close_status_is_checked(store: Path) -> None:
     """close() takes FINISHED, FAILED or KILLED (any case, or a RunStatus); anything else is refused."""
     run = steplog.start_run("status", tracking_uri=store)
-    with pytest.raises(InvalidValueError, match="FINISHED, FAILED, KILLED"):
-        run.close("DONE")
+    for bad in ("DONE", "RUNNING", RunStatus.SCHEDULED, 3):
+        with pytest.raises(InvalidValueError, match="FINISHED, FAILED, KILLED"):
+            run.close(bad)  # type: ignore[arg-type]
     run.close("failed")
     assert RunStatus.FAILED == run.info.status
 
@@ -437,3 +530,41 @@ def test_setting_the_run_name_tag_renames_the_run(store: Path) -> None:
         assert "after" == run.info.run_name
     read = steplog.Store(store).get_run(run.run_id)
     assert ("after", "after") == (read.run_name, read.tags["mlflow.runName"])
+
+
+def test_none_params_and_tags_are_stored_as_none_text(store: Path) -> None:
+    """A param or tag set to None is stored as ``'None'``, as MLflow stores ``str(value)``."""
+    with steplog.start_run("none", tracking_uri=store, tags={"at_start": None}) as run:
+        run.log_param("p", None)
+        run.log_params({"q": None, "r": 1})
+        run.set_tag("t", None)
+    data = MlflowClient(tracking_uri=store.as_uri()).get_run(run.run_id).data
+    assert {"p": "None", "q": "None", "r": "1"} == data.params
+    assert ("None", "None") == (data.tags["t"], data.tags["at_start"])
+
+
+def test_a_store_without_write_permission_says_how_to_fix_it(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating a run where the user may not write is a StepLogError naming the path, the permission and the fix."""
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == store:  # what the OS answers a user without write permission on the parent folder
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(steplog.StepLogError) as caught:
+        steplog.start_run("denied", tracking_uri=store)
+    message = str(caught.value)
+    assert f"permission denied writing {str(store)!r}" in message
+    assert f"write and execute permission on {str(store.parent)!r}" in message
+    assert "choose a tracking_uri" in message
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+@pytest.mark.anyio
+async def test_a_sink_refusing_permission_at_start_is_explained_in_async_code(anyio_backend: str) -> None:
+    """The same clear error when the run starts in an event loop (the loop host opens the run)."""
+    run = steplog.start_run("denied", sinks=[DeniedSink()])
+    with pytest.raises(steplog.StepLogError, match=r"permission denied writing '/data/mlruns'.*'/data'"):
+        await run.astart()

@@ -53,8 +53,15 @@ def __getattr__(name: str) -> object:
     import importlib
 
     value = getattr(importlib.import_module(module, __name__), name)
+    _public(value)
     globals()[name] = value  # later lookups are plain module attributes
     return value
+
+
+def _public(value: object) -> None:
+    """Say ``steplog.X``, not ``steplog._module.X``, in reprs, tracebacks and docs (as httpx does)."""
+    if getattr(value, "__module__", "").startswith("steplog."):
+        value.__module__ = "steplog"
 
 
 def __dir__() -> list[str]:
@@ -80,3 +87,8 @@ __all__ = [
     "__version__",
     "start_run",
 ]
+
+for _name in __all__:
+    if _name in globals():  # the lazy names are rewritten when first imported (__getattr__)
+        _public(globals()[_name])
+del _name

@@ -5,7 +5,8 @@
 that loop through the portal. The thread is a daemon so a stuck sink can never
 keep the interpreter from exiting; ``close`` is bounded.
 
-:func:`loop_scheduler` returns the cheapest non-blocking, thread-safe way to run
+:func:`current_loop` names the running event loop (asyncio or trio), so a run can tell its
+own loop from another. :func:`loop_scheduler` returns the cheapest non-blocking, thread-safe way to run
 a callback in the current event loop (``call_soon_threadsafe`` on asyncio,
 ``run_sync_soon`` on trio): the buffer uses it to wake the writer at a step
 boundary without a future or a round trip.
@@ -22,9 +23,27 @@ from typing import Any, TypeVar
 import anyio
 from anyio.from_thread import BlockingPortal
 
-__all__ = ["ThreadHost", "loop_scheduler"]
+__all__ = ["ThreadHost", "current_loop", "loop_scheduler"]
 
 T = TypeVar("T")
+
+
+def current_loop() -> object | None:
+    """The running event loop's identity (trio's token, or the asyncio loop), or None outside one."""
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            token: object = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass  # not inside trio
+        else:
+            return token
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def loop_scheduler() -> Callable[[Callable[[], object]], object]:

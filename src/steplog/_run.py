@@ -1,39 +1,47 @@
-"""Run: lifecycle (sync and async contexts), identity, barriers, and the hot-path methods.
+"""Run: what a user holds. Identity, the hot-path and slow-path log calls, barriers and closing.
 
-A :class:`Run` owns a :class:`~steplog._buffer.Buffer` (where log calls put
-records) and a :class:`~steplog._writer.Writer` (the one task that moves them to
-the sinks). Only where the writer task runs differs between the two faces:
-
-* sync (``with``, or ``start_run()`` outside an event loop): on a daemon thread
-  with its own event loop, driven through anyio's blocking portal;
-* async (``async with`` / ``await run.astart()``): as a task in the caller's
-  loop, asyncio or trio; file I/O goes to worker threads so the loop never blocks.
+A :class:`Run` owns a :class:`~steplog._buffer.Buffer` (where log calls put records)
+and a :class:`~steplog._writer.Writer` (the one task that moves them to the sinks).
+Where the writer runs is decided once, when the run starts, by a host from
+:mod:`steplog._hosting`: a thread of its own for sync code, the caller's event loop
+for ``async with``. The run's state changes in one place (:meth:`Run._set_state`).
+Options and destinations are chosen in :mod:`steplog._destinations`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
+import anyio.to_thread
 
 from . import _exit
-from ._buffer import Buffer, OnFull
+from ._buffer import Buffer
+from ._destinations import Options, make_sinks
+from ._destinations import resolve_tracking_uri as resolve_tracking_uri  # where _fsck and _demo import it from
 from ._errors import InvalidValueError, RunStateError, StepLogError, WriteError
+from ._hosting import (
+    Host,
+    LoopHosting,
+    ThreadHosting,
+    check_usable,
+    now_ms,
+    unwritten_error,
+    writer_last_error,
+    writer_lost,
+    writer_pending,
+)
 from ._layout import random_run_name
-from ._portal import ThreadHost, loop_scheduler
+from ._lifecycle import END_STATUSES, RunState, exit_status, parse_status
+from ._portal import current_loop
 from ._records import ArtifactRecord, RunInfo, RunStatus, Stats
 from ._tensors import DeviceValues
 from ._validation import check_artifact_path, check_experiment_name, check_key, check_tag_value
@@ -45,63 +53,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Run", "start_run"]
 
-T = TypeVar("T")
-
-Durability = Literal["os", "fsync"]
-_STATUS_NAMES = {s.name: s for s in RunStatus}
+log = logging.getLogger("steplog")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Options:
-    """A run's options (keyword arguments of :func:`start_run`), checked once."""
-
-    flush_interval: float = 0.05
-    max_buffer: int = 1_000_000
-    on_full: OnFull = "block"
-    durability: Durability = "os"
-    handle_signals: bool | None = None
-    close_timeout: float = 30.0
-    start_timeout: float = 10.0
-    """Seconds to reach a tracking server when the run starts (then a StepLogError)."""
-    journal_dir: str | None = None
-    """Where a tracking server's outage journal goes (default STEPLOG_JOURNAL_DIR or ./steplog-journal)."""
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.flush_interval, (int, float)) and self.flush_interval > 0):
-            raise InvalidValueError(f"flush_interval must be a positive number of seconds, not {self.flush_interval!r}")
-        if not (isinstance(self.max_buffer, int) and self.max_buffer > 0):
-            raise InvalidValueError(f"max_buffer must be a positive int, not {self.max_buffer!r}")
-        if self.on_full not in ("block", "drop", "raise"):
-            raise InvalidValueError(f"on_full must be 'block', 'drop' or 'raise', not {self.on_full!r}")
-        if self.durability not in ("os", "fsync"):
-            raise InvalidValueError(f"durability must be 'os' or 'fsync', not {self.durability!r}")
-        if not (isinstance(self.close_timeout, (int, float)) and self.close_timeout > 0):
-            raise InvalidValueError(f"close_timeout must be a positive number of seconds, not {self.close_timeout!r}")
-        if not (isinstance(self.start_timeout, (int, float)) and self.start_timeout > 0):
-            raise InvalidValueError(f"start_timeout must be a positive number of seconds, not {self.start_timeout!r}")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def _in_event_loop() -> bool:
-    import sys
-
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_trio_token()
-            return True
-        except RuntimeError:
-            pass
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+def _mlflow_text(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``values`` with None as ``'None'``, as MLflow stores ``str(value)`` for a param or a tag."""
+    if isinstance(values, Mapping) and any(v is None for v in values.values()):
+        return {k: "None" if v is None else v for k, v in values.items()}
+    return values
 
 
 class Run:
@@ -118,27 +77,24 @@ class Run:
         options: Options,
         *,
         tracking_uri: str,
+        where: str | None = None,
     ) -> None:
         self._request = request
         self._options = options
         self._tracking_uri = tracking_uri
+        self._where = tracking_uri if where is None else where
         # device tensors (CUDA, JAX) become floats in the writer, without stalling the device
         self._tensors = DeviceValues(flush_interval=options.flush_interval)
         self._buffer = Buffer(max_buffer=options.max_buffer, on_full=options.on_full, value_hook=self._tensors.convert)
         self._writer = Writer(self._buffer, sinks, flush_interval=options.flush_interval)
         self._writer.deferred = self._tensors
-        self._sinks = list(sinks)
-        self._state: Literal["new", "running", "closing", "closed"] = "new"
-        self._host: ThreadHost | None = None
-        self._writer_future: Any = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._task_group_left_open = False  # set by a close() from another thread (see aclose)
-        self._token: Any = None
+        self._state = RunState.NEW
+        self._host: Host | None = None
         self._info: RunInfo | None = None
         self._pid = os.getpid()
         self._close_lock = threading.Lock()
         self._close_done = threading.Event()  # set when _finish has recorded the end (any thread)
+        self._ended = threading.Event()  # set when the run is closed, whichever path closed it
         self._finish_started = False
         self._signalled = False  # set by steplog's SIGTERM/SIGINT handler while this run was open
         # The hot path: bind the buffer's methods on the instance, so run.log_metric(...) is
@@ -174,12 +130,12 @@ class Run:
     # ------------------------------------------------------------------ params, tags, artifacts
 
     def log_param(self, key: str, value: Any) -> None:
-        """Log a param (stored as ``str(value)``); raises ParamChangedError if it differs from before."""
-        self._buffer.log_params({key: value})
+        """Log a param (stored as ``str(value)``, as MLflow does); ParamChangedError if it differs from before."""
+        self._buffer.log_params({key: "None" if value is None else value})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log several params at once (all checked before any is queued)."""
-        self._buffer.log_params(params)
+        self._buffer.log_params(_mlflow_text(params))
 
     def set_tag(self, key: str, value: Any) -> None:
         """Set a tag (stored as ``str(value)``; setting it again overwrites)."""
@@ -187,6 +143,7 @@ class Run:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set several tags at once. Setting ``mlflow.runName`` renames the run, as in MLflow."""
+        tags = _mlflow_text(tags)
         self._buffer.set_tags(tags)
         name = tags.get("mlflow.runName") if isinstance(tags, Mapping) else None
         if name is not None and self._info is not None:
@@ -270,24 +227,43 @@ class Run:
         """Counts and timings: records logged, written, queued, dropped, flushes, bytes, latencies, errors."""
         return self._writer.stats()
 
+    @property
+    def closed(self) -> bool:
+        """True once the run is closed."""
+        return self._state is RunState.CLOSED
+
+    # ------------------------------------------------------------------ state
+
+    def _set_state(self, new: RunState) -> None:
+        """The one place the run's state changes (an impossible move is a steplog bug)."""
+        self._state = self._state.check_transition(new)
+
+    def _begin_close(self) -> bool:
+        """Move to CLOSING; False when another close got there first (or in a forked child)."""
+        with self._close_lock:
+            if self._state in (RunState.CLOSING, RunState.CLOSED) or os.getpid() != self._pid:
+                return False
+            self._set_state(RunState.CLOSING)
+            return True
+
+    def _end_state(self, status: RunStatus) -> None:
+        self._set_state(RunState.CLOSED)
+        self._buffer.close("the run is closed: start a new run to log more")
+        self._buffer.detach()
+        if self._info is not None and self._info.end_time is None:
+            self._info = dataclasses.replace(self._info, end_time=now_ms(), status=status)
+        _exit.unregister(self)
+        self._ended.set()
+
+    def _refuse_restart(self) -> RunStateError:
+        return RunStateError(f"the run is {self._state.value}; start a new run with steplog.start_run()")
+
     # ------------------------------------------------------------------ starting
 
     def _start_threaded(self) -> None:
         """Start the writer on a background thread with its own event loop (sync hosting)."""
-        host = ThreadHost()
-        writer = self._writer
-        schedule = host.schedule
-        wake = writer.wake
-        self._buffer.wake = lambda: schedule(wake)
-        self._buffer.writer_alive = lambda: writer.alive or not writer.started
-        try:
-            self._info = host.call(writer.open, self._request)
-        except BaseException:
-            host.close()
-            raise
-        self._host = host
-        self._writer_future = host.start_soon(writer.run)
-        self._state = "running"
+        self._host, self._info = ThreadHosting.start(self._writer, self._buffer, self._request, self._finish)
+        self._set_state(RunState.RUNNING)
         _exit.register(self)
 
     async def astart(self) -> Self:
@@ -296,28 +272,18 @@ class Run:
         Called by ``async with``; call it yourself when not using a context manager, and
         then :meth:`aclose` from the same task.
         """
-        if self._state != "new":
-            if self._state == "running":
+        if self._state is not RunState.NEW:
+            if self._state is RunState.RUNNING:
                 return self
-            raise RunStateError(f"the run is {self._state}; start a new run with steplog.start_run()")
-        writer = self._writer
-        stack = contextlib.AsyncExitStack()
-        await stack.__aenter__()
+            raise self._refuse_restart()
         try:
-            self._task_group = await stack.enter_async_context(anyio.create_task_group())
-            schedule = loop_scheduler()
-            wake = writer.wake
-            self._buffer.wake = lambda: schedule(wake)
-            self._buffer.loop_thread = threading.get_ident()
-            self._buffer.writer_alive = lambda: writer.alive or not writer.started
-            self._token = anyio.lowlevel.current_token()
-            self._info = await writer.open(self._request)
-        except BaseException:
-            await stack.aclose()
+            self._host, self._info = await LoopHosting.start(
+                self._writer, self._buffer, self._request, self._finish, self._finish_sync
+            )
+        except Exception:
+            _exit.unregister(self)  # the destination refused the run and the caller has the error: not again at exit
             raise
-        self._stack = stack
-        await self._task_group.start(writer.run)  # running before we return (see Writer.run)
-        self._state = "running"
+        self._set_state(RunState.RUNNING)
         _exit.register(self)
         return self
 
@@ -326,55 +292,61 @@ class Run:
     def flush(self, timeout: float | None = None) -> None:
         """Block until everything logged before the call is written (to the OS, or fsynced).
 
+        Called while the run closes (from another thread), it waits for the close and reports
+        what the close could not write.
+
         Raises:
             WriteError: something could not be written (it stays queued and is retried).
             FlushTimeoutError: ``timeout`` seconds passed first (says what is unwritten).
             RunStateError: called from inside the event loop the run's writer runs in
-                (use ``await run.aflush()`` there).
+                (use ``await run.aflush()`` there), or the run's writer stopped with its event loop.
             StepLogError: called in a forked child (the writer lives in the parent).
         """
         if os.getpid() != self._pid:
-            self._buffer._check_usable()  # raises: the writer's thread does not exist in a forked child
-        if self._state in ("closing", "closed"):
-            self._writer._raise_if_unwritten()
-            return
-        if self._host is not None:
-            host = self._host
+            check_usable(self._buffer)  # raises: the writer's thread does not exist in a forked child
+        host = self._running_host()
+        if host is not None:
             try:
-                if timeout is None:
-                    host.call(self._writer.barrier)
-                else:
-                    _bounded(lambda: host.call(self._writer.barrier, timeout=timeout), timeout + 1.0)
-            except TimeoutError:
-                raise self._writer.timeout_error("flush()", timeout) from None
-            return
-        if self._state == "new":
-            raise RunStateError("the run has not started yet: enter it with `async with run` first")
-        if self._buffer.loop_thread == threading.get_ident():
-            raise RunStateError(
-                "flush() would block the event loop that this run's writer runs in: use `await run.aflush()`"
-            )
-        anyio.from_thread.run(self._abarrier, timeout, token=self._token)
+                host.flush(timeout)
+                return
+            except (WriteError, RuntimeError):
+                if self._state is RunState.RUNNING:
+                    raise
+                # a close began meanwhile: its outcome is the answer (what it wrote, or could not)
+        if self._host is not None:
+            self._host.check_blocking("flush()", "await run.aflush()")
+        self._close_outcome(timeout)
 
     async def aflush(self, timeout: float | None = None) -> None:
         """Wait, without blocking the event loop, until everything logged before the call is written."""
         if os.getpid() != self._pid:
-            self._buffer._check_usable()  # raises: the writer does not exist in a forked child
-        if self._state in ("closing", "closed"):
-            self._writer._raise_if_unwritten()
-            return
-        if self._host is not None:
-            await anyio.to_thread.run_sync(self.flush, timeout)
-            return
-        if self._state == "new":
-            raise RunStateError("the run has not started yet: enter it with `async with run` first")
-        await self._abarrier(timeout)
+            check_usable(self._buffer)  # raises: the writer does not exist in a forked child
+        host = self._running_host()
+        if host is not None:
+            try:
+                await host.aflush(timeout)
+                return
+            except (WriteError, RuntimeError):
+                if self._state is RunState.RUNNING:
+                    raise
+        await anyio.to_thread.run_sync(self._close_outcome, timeout, abandon_on_cancel=True)
 
-    async def _abarrier(self, timeout: float | None) -> None:
-        with anyio.move_on_after(timeout) as scope:
-            await self._writer.barrier()
-        if scope.cancelled_caught:
+    def _running_host(self) -> Host | None:
+        """The host while the run is running; None once a close began; RunStateError before the start."""
+        if self._state is RunState.NEW:
+            raise RunStateError("the run has not started yet: enter it with `async with run` first")
+        if self._state is RunState.RUNNING:
+            assert self._host is not None
+            return self._host
+        return None
+
+    def _close_outcome(self, timeout: float | None) -> None:
+        """For a barrier during or after close: wait for the close, then raise what it left unwritten."""
+        if not self._ended.wait(timeout):
             raise self._writer.timeout_error("flush()", timeout)
+        error = unwritten_error(self._writer)
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ closing
 
@@ -382,107 +354,49 @@ class Run:
         """Write everything, record the end time and status, and stop the writer.
 
         Bounded: gives up after ``timeout`` seconds (default: the ``close_timeout`` option)
-        and raises FlushTimeoutError naming what was not written. Closing twice is a no-op.
-        For an async run, called from another thread: everything is written and the run ends,
-        and the task that started the run still leaves it (``async with`` or ``await run.aclose()``).
+        and raises FlushTimeoutError naming what was not written. Closing twice is a no-op
+        (a close while another runs waits for it). For an async run, called from another
+        thread: everything is written and the run ends, and the task that started the run
+        still leaves it (``async with`` or ``await run.aclose()``).
         """
-        final = _status(status)
+        final = parse_status(status, END_STATUSES)
         timeout = self._options.close_timeout if timeout is None else timeout
-        if self._state == "new" and os.getpid() == self._pid:
+        if os.getpid() != self._pid or self._state is RunState.CLOSED:
+            return  # a forked child has no writer to close; a closed run stays as it ended
+        if self._state is RunState.NEW:
             # created inside an event loop (a notebook, say) and never entered: write what was
             # logged through a writer thread, as outside a loop, rather than drop it
             self._start_threaded()
+        host = self._host
+        assert host is not None
+        host.check_blocking("close()", "await run.aclose()")
         if not self._begin_close():
+            self._ended.wait(timeout)  # another close is writing: return once it has ended the run
             return
-        if self._host is not None:
-            self._close_threaded(final, timeout)
-            return
-        if self._stack is None:  # never started: nothing to write
-            self._end_state(final)
-            return
-        if self._buffer.loop_thread == threading.get_ident():
-            self._state = "running"
-            raise RunStateError(
-                "close() would block the event loop that this run's writer runs in: use `await run.aclose()`"
-            )
-        anyio.from_thread.run(self._finish_from_other_thread, final, timeout, token=self._token)
-
-    async def _finish_from_other_thread(self, status: RunStatus, timeout: float) -> None:
-        """close() from a thread other than the loop's: write everything and stop the writer in its loop.
-
-        The writer's task group stays open: exiting it from any task but the one that entered it
-        corrupts asyncio's and trio's cancel scopes. That task's ``aclose()`` (or the end of its
-        ``async with``) exits it.
-        """
-        self._task_group_left_open = True
         try:
-            await self._finish(status, timeout)
+            host.close(final, timeout)
         finally:
-            self._end_state(status)
+            self._end_state(final)
 
     async def aclose(self, status: str | RunStatus = "FINISHED", timeout: float | None = None) -> None:
         """Like :meth:`close`, without blocking the event loop."""
-        final = _status(status)
+        final = parse_status(status, END_STATUSES)
         timeout = self._options.close_timeout if timeout is None else timeout
-        if self._state == "new" and os.getpid() == self._pid:
+        if os.getpid() != self._pid:
+            return
+        if self._state is RunState.NEW:
             await self.astart()  # never entered: start the writer here so that what was logged is written
-        if not self._begin_close():
-            if self._task_group_left_open and self._state == "closed" and self._stack is not None:
-                self._task_group_left_open = False  # closed from another thread: exit the task group here
-                await self._stack.aclose()
-            return
-        if self._host is not None:
-            await anyio.to_thread.run_sync(self._close_threaded, final, timeout)
-            return
-        if self._stack is None:
-            self._end_state(final)
-            return
-        await self._aclose_in_loop(final, timeout)
-
-    def _begin_close(self) -> bool:
-        with self._close_lock:
-            if self._state in ("closing", "closed") or os.getpid() != self._pid:
-                return False
-            self._state = "closing"
-            return True
-
-    def _close_threaded(self, status: RunStatus, timeout: float) -> None:
         host = self._host
         assert host is not None
-        stuck = False
+        if not self._begin_close():
+            if not self._ended.is_set():  # another close is writing: wait for it without blocking the loop
+                await anyio.to_thread.run_sync(self._ended.wait, timeout, abandon_on_cancel=True)
+            await host.aleave()  # closed from another thread: the task that entered the run leaves here
+            return
         try:
-            _bounded(lambda: host.call(self._finish, status, timeout, timeout=timeout + 5.0), timeout + 2.0)
-        except TimeoutError:
-            stuck = True
-            raise self._writer.timeout_error("close()", timeout) from None
+            await host.aclose(final, timeout)
         finally:
-            try:
-                _bounded(lambda: host.close(timeout=2.0), 0.2 if stuck else 3.0)
-            except TimeoutError:
-                pass  # the loop is stuck in a sink: its daemon thread is abandoned, never joined
-            self._end_state(status)
-
-    async def _aclose_in_loop(self, status: RunStatus, timeout: float) -> None:
-        stack = self._stack
-        assert stack is not None
-        assert self._task_group is not None
-        finished = False
-        try:
-            await self._finish(status, timeout)
-            finished = True
-        except StepLogError:
-            finished = True  # the close ran and reports what it could not write
-            raise
-        finally:
-            self._task_group.cancel_scope.cancel()
-            try:
-                await stack.aclose()
-            finally:
-                if not finished:
-                    # cancelled or interrupted mid-close (e.g. trio delivering KeyboardInterrupt into
-                    # the writer task): write what is left and the end through the sync path, bounded
-                    self._writer.emergency_flush(status, _now_ms(), timeout=timeout)
-                self._end_state(status)
+            self._end_state(final)
 
     async def _finish(self, status: RunStatus, timeout: float) -> None:
         """Drain, write, record the end: the common close path (runs in the writer's loop)."""
@@ -493,27 +407,30 @@ class Run:
             self._close_done.set()
 
     async def _finish_once(self, status: RunStatus, timeout: float) -> None:
-        end_time = _now_ms()
+        writer = self._writer
+        end_time = now_ms()
         error: BaseException | None = None
         deadline = anyio.current_time() + timeout
         with anyio.move_on_after(timeout) as scope:
-            await self._writer.stop()
+            await writer.stop()
         self._buffer.close(f"the run {self._info.run_id if self._info else ''} is closed: start a new run to log more")
-        failing = self._writer._last_error if self._writer._pending else None
+        failing = writer_last_error(writer) if writer_pending(writer) else None
         if scope.cancelled_caught and failing is None:
-            error = self._writer.timeout_error("close()", timeout)
+            error = writer.timeout_error("close()", timeout)
         elif failing is not None:
             # still failing when close gave up: name the file and the OS error, not just the timeout
             error = WriteError(
-                f"steplog could not write {self._writer.unwritten_summary()}"
+                f"steplog could not write {writer.unwritten_summary()}"
                 f"{f' (gave up after {timeout} s)' if scope.cancelled_caught else ''}: {failing}"
             )
             error.__cause__ = failing
             if isinstance(failing, OSError):
                 error.errno, error.filename = failing.errno, failing.filename
+        if status is RunStatus.FINISHED and writer_lost(writer) > 0:
+            status = RunStatus.FAILED  # a sink refused records for good: the run did not log everything
         with anyio.move_on_after(max(0.5, deadline - anyio.current_time())):
             try:
-                await self._writer.close_sinks(status, end_time)
+                await writer.close_sinks(status, end_time)
             except WriteError as exc:
                 # keep both: a sink's close may say where the unwritten data went (the REST journal)
                 error = exc if error is None else type(error)(f"{error}; {exc}")
@@ -522,40 +439,41 @@ class Run:
         if error is not None:
             raise error
 
-    def _end_state(self, status: RunStatus) -> None:
-        self._state = "closed"
+    def _finish_sync(self, status: RunStatus, timeout: float) -> None:
+        """The close path when no event loop can run it: write what is left through the sinks' sync calls."""
         self._buffer.close("the run is closed: start a new run to log more")
-        self._buffer.detach()
-        if self._info is not None and self._info.end_time is None:
-            self._info = dataclasses.replace(self._info, end_time=_now_ms(), status=status)
-        _exit.unregister(self)
+        if status is RunStatus.FINISHED and writer_lost(self._writer) > 0:
+            status = RunStatus.FAILED
+        self._writer.emergency_flush(status, now_ms(), timeout=timeout)
 
     def _emergency_close(self, status: RunStatus) -> None:
         """Close from a signal handler or at exit: bounded, never raises."""
-        if self._state == "closing" and self._host is not None:
+        host = self._host
+        timeout = self._options.close_timeout
+        if self._state is RunState.CLOSING and isinstance(host, ThreadHosting):
             # a close is under way (the signal may have interrupted the very thread waiting for it):
             # let it write everything and record the end before we go on; if the signal landed
             # before that close reached the writer's thread, run it from here
-            timeout = self._options.close_timeout
             if not self._finish_started:
                 try:
-                    self._host.call(self._finish, status, timeout, timeout=timeout + 5.0)
+                    host.finish_interrupted(status, timeout)
                 except Exception as exc:  # nobody is left to catch it: say it on stderr
-                    logging.getLogger("steplog").error("steplog: closing run %s: %s", self._request.run_name, exc)
+                    log.error("steplog: closing run %s: %s", self._request.run_name, exc)
             self._close_done.wait(timeout)
             return
-        if self._host is not None or self._state == "new":
+        if self._state is RunState.NEW or isinstance(host, ThreadHosting):
             try:
-                self.close(status, timeout=self._options.close_timeout)
+                self.close(status, timeout=timeout)
             except (StepLogError, OSError) as exc:  # nobody is left to catch it: say it on stderr
-                logging.getLogger("steplog").error("steplog: closing run %s at exit: %s", self._request.run_name, exc)
+                log.error("steplog: closing run %s at exit: %s", self._request.run_name, exc)
             return
-        # async-hosted: the loop may be the very thread we are interrupting; write synchronously
+        # hosted in an event loop: the loop may be the very thread we are interrupting; write synchronously
         if not self._begin_close():
             return
-        self._buffer.close("the run is closed: start a new run to log more")
-        self._writer.emergency_flush(status, _now_ms(), timeout=self._options.close_timeout)
-        self._end_state(status)
+        try:
+            self._finish_sync(status, timeout)
+        finally:
+            self._end_state(status)
 
     def _emergency_flush(self, timeout: float) -> None:
         """Write pending data from a signal handler without closing the run: bounded, never raises.
@@ -563,31 +481,28 @@ class Run:
         Only for a run whose writer has its own thread; an async-hosted writer shares the
         interrupted thread, and its run is closed by ``async with`` or at exit instead.
         """
-        if self._host is None or self._state != "running" or os.getpid() != self._pid:
+        if not isinstance(self._host, ThreadHosting) or self._state is not RunState.RUNNING:
+            return
+        if os.getpid() != self._pid:
             return
         try:
             self.flush(timeout)
         except (StepLogError, OSError):
             pass
 
-    @property
-    def closed(self) -> bool:
-        """True once the run is closed."""
-        return self._state == "closed"
-
     # ------------------------------------------------------------------ context managers
 
     def __enter__(self) -> Self:
-        if self._state == "new":
+        if self._state is RunState.NEW:
             self._start_threaded()
-        elif self._state != "running":
-            raise RunStateError(f"the run is {self._state}; start a new run with steplog.start_run()")
+        elif self._state is not RunState.RUNNING:
+            raise self._refuse_restart()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        status = _exit_status(exc_type, exc, signalled=self._signalled)
+        status = exit_status(exc_type, exc, signalled=self._signalled)
         try:
             self.close(status)
         except StepLogError as error:
@@ -596,14 +511,12 @@ class Run:
             exc.add_note(f"steplog: closing the run also failed: {error}")
 
     async def __aenter__(self) -> Self:
-        if self._state == "running" and self._host is not None:
-            return self
-        return await self.astart()
+        return await self.astart()  # a run already writing (on its own thread) is returned as it is
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        status = _exit_status(exc_type, exc, signalled=self._signalled)
+        status = exit_status(exc_type, exc, signalled=self._signalled)
         try:
             await self.aclose(status)
         except StepLogError as error:
@@ -613,101 +526,10 @@ class Run:
 
     def __repr__(self) -> str:
         ident = self._info.run_id if self._info else "not started"
-        return f"<steplog.Run {ident} {self._state} at {self._tracking_uri}>"
-
-
-def _bounded(fn: Callable[[], T], timeout: float) -> T:
-    """Run ``fn()`` on a daemon thread and wait at most ``timeout`` seconds for it (TimeoutError after).
-
-    The blocking portal's calls wait for the writer's event loop to pick them up, so a
-    sink that blocks that loop (a sync call inside ``async def write``) would hang the
-    caller forever; a barrier with a timeout and ``close()`` must stay bounded anyway.
-    """
-    box: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def target() -> None:
-        try:
-            box.set_result(fn())
-        except BaseException as exc:  # handed to the caller, whatever it is
-            box.set_exception(exc)
-
-    threading.Thread(target=target, name="steplog-call", daemon=True).start()
-    try:
-        return box.result(timeout)
-    except concurrent.futures.TimeoutError:
-        raise TimeoutError from None
-
-
-def _status(status: str | RunStatus) -> RunStatus:
-    if isinstance(status, RunStatus):
-        return status
-    try:
-        return _STATUS_NAMES[str(status).upper()]
-    except KeyError:
-        raise InvalidValueError(f"status {status!r} is not allowed: use one of FINISHED, FAILED, KILLED") from None
-
-
-def _exit_status(
-    exc_type: type[BaseException] | None, exc: BaseException | None = None, *, signalled: bool = False
-) -> RunStatus:
-    """The status a run gets when its context exits with ``exc`` (None: a normal exit)."""
-    if signalled:
-        return RunStatus.KILLED  # a handled SIGTERM/SIGINT ended the run, however the code unwound
-    if exc_type is None:
-        return RunStatus.FINISHED
-    if issubclass(exc_type, SystemExit):
-        code = getattr(exc, "code", None)
-        return RunStatus.FINISHED if code is None or code == 0 else RunStatus.FAILED
-    if issubclass(exc_type, Exception):
-        return RunStatus.FAILED
-    # KeyboardInterrupt, and cancellation (asyncio.CancelledError, trio.Cancelled): stopped from outside
-    return RunStatus.KILLED
+        return f"<steplog.Run {ident} {self._state.value} at {self._where}>"
 
 
 # ---------------------------------------------------------------------------- start_run
-
-
-def resolve_tracking_uri(tracking_uri: str | os.PathLike[str] | None) -> str:
-    """The destination a run writes to: the argument, else STEPLOG_TRACKING_URI, MLFLOW_TRACKING_URI, ./mlruns."""
-    if tracking_uri is None:
-        tracking_uri = os.environ.get("STEPLOG_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or "./mlruns"
-    return os.fspath(tracking_uri)
-
-
-def make_sink(uri: str, options: Options) -> Sink:
-    """The sink for one tracking URI (a local path or ``file:`` URI, or ``http(s)://``)."""
-    lowered = uri.lower()
-    if lowered.startswith(("http://", "https://")):
-        try:
-            from .sinks.mlflow_rest import MlflowRestSink
-        except ImportError as exc:
-            raise StepLogError(
-                f"tracking_uri {uri!r} needs the REST sink's dependencies: pip install 'steplog[rest]' ({exc})"
-            ) from exc
-        sink: Sink = MlflowRestSink(
-            uri,
-            max_buffer=options.max_buffer,
-            journal_dir=options.journal_dir,
-            start_timeout=options.start_timeout,
-        )
-        return sink
-    scheme, sep, _rest = uri.partition(":")
-    if sep and scheme.lower() != "file" and len(scheme) > 1:
-        source = next(
-            (
-                f" (from ${name})"
-                for name in ("STEPLOG_TRACKING_URI", "MLFLOW_TRACKING_URI")
-                if os.environ.get(name) == uri
-            ),
-            "",
-        )
-        raise InvalidValueError(
-            f"tracking_uri {uri!r}{source} is not supported: use a directory path, a file: URI, or "
-            "http(s)://host:port (an MLflow tracking server)"
-        )
-    from .sinks.mlruns import MlrunsSink
-
-    return MlrunsSink(uri, durability=options.durability)
 
 
 def start_run(
@@ -731,41 +553,38 @@ def start_run(
             ``http(s)://host:port`` for an MLflow tracking server; a list writes to each.
             Default: ``STEPLOG_TRACKING_URI``, then ``MLFLOW_TRACKING_URI``, then ``./mlruns``.
         tags: run tags set at creation.
-        sinks: extra destinations (objects implementing :class:`steplog.typing.Sink`).
+        sinks: extra destinations (objects implementing :class:`steplog.typing.Sink`); given
+            without ``tracking_uri``, the run writes to these only.
         **options: ``flush_interval``, ``max_buffer``, ``on_full``, ``durability``,
             ``handle_signals``, ``close_timeout`` (see the README).
+
+    Raises:
+        InvalidValueError: a bad option, run name or tag value; a tracking URI steplog does not
+            serve (``databricks``, ``postgresql://...``, an empty string); no destination at all.
+        StepLogError: the destination cannot be created (a folder without write permission, a
+            server that does not answer).
     """
-    unknown = set(options) - {f.name for f in dataclasses.fields(Options)}
-    if unknown:
-        raise TypeError(f"start_run() got unknown options: {', '.join(sorted(unknown))}")
-    opts = Options(**options)
+    opts = Options.from_kwargs(options)
     check_experiment_name(experiment)
     if run_name is None:
         run_name = random_run_name()
     elif not isinstance(run_name, str) or not run_name or len(run_name) > 250:
         raise InvalidValueError(f"run_name {run_name!r} is not allowed: a non-empty str of at most 250 characters")
     clean_tags: dict[str, str] = {}
-    for key, value in (tags or {}).items():
+    for key, value in _mlflow_text(tags or {}).items():
         clean_tags[check_key(key, "tag")] = check_tag_value(key, value)
-    if isinstance(tracking_uri, (list, tuple)):
-        uris = [resolve_tracking_uri(u) for u in tracking_uri]
-    else:
-        uris = [resolve_tracking_uri(tracking_uri)]  # type: ignore[arg-type]
-    # a server first: it assigns the run id, and the local store joins the run under that id
-    uris.sort(key=lambda u: not u.lower().startswith(("http://", "https://")))
-    all_sinks: list[Sink] = [make_sink(uri, opts) for uri in uris] if sinks is None or tracking_uri else []
-    all_sinks += list(sinks or ())
+    destinations = make_sinks(tracking_uri, sinks, opts)
     from .sinks.mlruns import default_user
 
     request = RunRequest(
         experiment_name=experiment,
         run_name=run_name,
         tags=clean_tags,
-        start_time=_now_ms(),
+        start_time=now_ms(),
         user_id=default_user(),
     )
-    run = Run(request, all_sinks, opts, tracking_uri=uris[0] if all_sinks[:1] and uris else "memory")
-    if not _in_event_loop():
+    run = Run(request, destinations.sinks, opts, tracking_uri=destinations.uri, where=destinations.where)
+    if current_loop() is None:
         run._start_threaded()
     else:
         _exit.register(run)  # not started yet: the exit hook still writes what it buffered
