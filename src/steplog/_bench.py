@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import CommandError
+from ._cli import CommandError
 
 __all__ = ["SUITE", "find_benchmarks", "register", "run_suite"]
 

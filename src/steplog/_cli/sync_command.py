@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import StepLogError
-from ._journal import Journal, journal_folders
-from ._layout import uri_to_path
+from .._errors import StepLogError
+from .._journal import Journal, journal_folders
+from .._layout import uri_to_path
 
 if TYPE_CHECKING:
     import httpx
 
-    from .sinks.mlflow_rest import RestClient
+    from ..sinks.mlflow_rest import RestClient
 
 __all__ = ["SyncResult", "register", "sync"]
 
@@ -72,7 +72,7 @@ async def sync(
     if not url.lower().startswith(("http://", "https://")):
         raise StepLogError(f"--to {url!r} is not a tracking server URL: give http(s)://host:port")
     try:
-        from .sinks.mlflow_rest import RestClient
+        from ..sinks.mlflow_rest import RestClient
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise StepLogError(f"steplog sync needs the REST extra: pip install 'steplog[rest]' ({exc})") from exc
     path = Path(source)
@@ -142,7 +142,7 @@ async def _sync_journal(client: RestClient, folder: Path, timeout: float) -> Syn
 async def _sync_store(
     client: RestClient, root: Path, experiment: str | None, run_ids: Sequence[str] | None, timeout: float
 ) -> list[SyncResult]:
-    from .store import Store, StoreError
+    from ..store import Store, StoreError
 
     try:
         store = Store(root)
@@ -164,7 +164,7 @@ async def _sync_store(
 
 
 async def _sync_run(client: RestClient, store: Any, run: Any, experiment_id: str, timeout: float) -> SyncResult:
-    from .sinks.mlflow_rest import RUN_KEY_TAG, encode_log_batches
+    from ..sinks.mlflow_rest import RUN_KEY_TAG, encode_log_batches
 
     what = f"uploading run {run.run_id}"
     info = await client.retrying(lambda: client.get_run(run.run_id), deadline=_deadline(timeout), what=what)
@@ -220,7 +220,7 @@ async def _sync_run(client: RestClient, store: Any, run: Any, experiment_id: str
 
 async def _upload_tree(client: RestClient, artifact_uri: str, source: Path, artifact_path: str, timeout: float) -> int:
     """Upload a file (or each file of a directory) under ``artifact_path``; returns the number of files."""
-    from .sinks.mlflow_rest import artifact_files
+    from ..sinks.mlflow_rest import artifact_files
 
     files = await anyio.to_thread.run_sync(artifact_files, source, artifact_path)
     for file, dest in files:
@@ -265,14 +265,14 @@ def register(subparsers: Any) -> None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    from .cli import CommandError
+    from . import CommandError
 
     if not args.to.lower().startswith(("http://", "https://")):
         raise CommandError(f"--to {args.to!r} is not a tracking server URL: give http(s)://host:port")
     results = anyio.run(
         lambda: sync(args.source, args.to, experiment=args.experiment, run_ids=args.run_ids, timeout=args.timeout)
     )
-    from .sinks.mlflow_rest import redact
+    from ..sinks.mlflow_rest import redact
 
     target = redact(args.to)
     if not results:
