@@ -137,6 +137,7 @@ def test_a_lost_state_falls_back_to_the_server_and_sends_nothing_twice(mlflow_se
     state_file.unlink()
     counting = Counting()
     (second,) = run_sync(store, mlflow_server.url, counting)
+    assert (50, 1) == (second.points, second.artifacts)
     assert [("loss", s, 1_800_000_000_000 + s) for s in range(800, 850)] == counting.sent_points()
     assert ["eval/report.txt"] == [path.split("/artifacts/", 1)[-1] for path in counting.uploads()]
     assert 2 <= counting.calls("/metrics/get-history")
