@@ -404,3 +404,22 @@ def test_plot_takes_shell_style_patterns(numbered: tuple[Path, str, str], tmp_pa
         "grad_norm/2, grad_norm/10",
     )
     assert not (tmp_path / "none.png").exists()
+
+
+def test_bench_from_an_installed_wheel_says_to_run_from_a_checkout(tmp_path: Path) -> None:
+    """Installed without its source tree (as from a wheel), `steplog bench` is a one-line error naming `make bench`."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(Path(steplog.__file__).parent, site / "steplog", ignore=shutil.ignore_patterns("__pycache__"))
+    env = clean_env(PYTHONPATH=str(site))
+    result = subprocess.run(
+        [sys.executable, "-m", "steplog", "bench", "--quick"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert 2 == result.returncode
+    assert_one_line_error(
+        result, "steplog bench: error: steplog bench needs the source checkout", "run from a checkout: make bench"
+    )
+    assert str(site / "steplog") in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "steplog", "--help"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert "(source checkout only: make bench)" in " ".join(result.stdout.split())
