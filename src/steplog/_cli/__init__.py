@@ -73,4 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StepLogError as exc:
         print(f"steplog {args.command}: error: {exc}", file=sys.stderr)
         return getattr(exc, "status", 1)
+    finally:
+        common = sys.modules.get("steplog._cli.common")
+        if common is not None:
+            common.close_stores()
     return int(status or 0)

@@ -28,6 +28,7 @@ __all__ = [
     "AnyRun",
     "AnyStore",
     "artifact_sizes",
+    "close_stores",
     "duration",
     "fmt_size",
     "fmt_time",
@@ -52,13 +53,27 @@ AnyStore = Store | RestStore
 AnyRun = RunData | RemoteRun
 
 
+_OPENED: list[RestStore] = []
+
+
 def open_store(uri: str | None) -> AnyStore:
+    """The store ``--uri`` names (or the default one); a server's connection is closed by :func:`close_stores`."""
     text = resolve_tracking_uri(uri)
     try:
-        return RestStore(text) if is_server_uri(text) else Store(text)
+        if is_server_uri(text):
+            remote = RestStore(text)
+            _OPENED.append(remote)
+            return remote
+        return Store(text)
     except StoreError as exc:
         hint = "" if uri is not None else "; pass --uri PATH or set STEPLOG_TRACKING_URI"
         raise CommandError(f"{exc}{hint}") from None
+
+
+def close_stores() -> None:
+    """Close the connections the command opened (``main`` calls it when a command ends)."""
+    while _OPENED:
+        _OPENED.pop().close()
 
 
 def get_run(store: AnyStore, ref: str) -> AnyRun:
