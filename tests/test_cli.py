@@ -131,13 +131,15 @@ def test_show_prints_params_tags_and_metrics(stores: dict[str, Any]) -> None:
     assert "status      FINISHED" in lines
     assert "  lr          0.001" in lines
     assert "  model               baseline" in lines
-    metrics = {line.split()[0]: line.split()[1:] for line in lines[lines.index("metrics (2):") + 2 :]}
+    start = lines.index("metrics (2):") + 2
+    metrics = {line.split()[0]: line.split()[1:] for line in lines[start : lines.index("", start)]}
     assert {"acc": ["0.996678", "299", "300"], "train/loss": ["0.00333333", "299", "300"]} == metrics
+    assert "artifacts: none" == lines[-1]
     root, ids = stores["mlflow"]
     result = cli("show", ids["from-mlflow"], "--uri", root)
     assert 0 == result.returncode, result.stderr
     assert "status      FAILED" in result.stdout.splitlines()
-    assert ["loss", "0.02", "99", "100"] == result.stdout.splitlines()[-1].split()
+    assert ["loss", "0.02", "99", "100"] == result.stdout.splitlines()[-3].split()
 
 
 def test_user_mistakes_are_one_line_errors(stores: dict[str, Any], tmp_path: Path) -> None:
@@ -331,8 +333,93 @@ def test_smoothing_is_a_centred_mean_that_skips_nan() -> None:
     """--smooth's moving average is centred (no lag), cut short at the ends, and leaves NaN points out."""
     import numpy as np
 
-    from steplog._commands import _moving_average
+    from steplog._cli.plot import _moving_average
 
     y = np.array([0.0, 1.0, 2.0, 3.0, 4.0, np.nan, 6.0])
     assert [0.5, 1.0, 2.0, 3.0, 3.5, 5.0, 6.0] == _moving_average(np, y, 3).tolist()
     assert [0.0, 1.0, 2.0] == _moving_average(np, np.array([0.0, 1.0, 2.0]), 1).tolist()
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A store with an older run and a newer one whose keys end in numbers, and two artifacts: (root, old, new)."""
+    root = tmp_path_factory.mktemp("numbered") / "mlruns"
+    with steplog.start_run("layers", run_name="old", tracking_uri=root, handle_signals=False) as old:
+        old.log_metric("loss", 1.0, step=0)
+    with steplog.start_run("layers", run_name="new", tracking_uri=root, handle_signals=False) as new:
+        for step in range(3):
+            new.log_metrics({f"grad_norm/{i}": i + step for i in (10, 2, 1)} | {"loss": 1.0 / (step + 1)}, step=step)
+        new.log_text("x" * 1500, "notes/readme.txt")
+        new.log_dict({"a": 1}, "config.json")
+    return root, old.run_id, new.run_id
+
+
+def test_show_sorts_keys_naturally_and_lists_artifacts(numbered: tuple[Path, str, str]) -> None:
+    """`steplog show` lists grad_norm/2 before grad_norm/10, then the run's artifact files with their sizes."""
+    root, _old, new = numbered
+    result = cli("show", new, "--uri", root)
+    assert (0, "") == (result.returncode, result.stderr)
+    lines = result.stdout.splitlines()
+    start = lines.index("metrics (4):") + 2
+    keys = [line.split()[0] for line in lines[start : lines.index("", start)]]
+    assert ["grad_norm/1", "grad_norm/2", "grad_norm/10", "loss"] == keys
+    artifacts = lines[lines.index("", start) + 1 :]
+    config_size = next(root.glob(f"*/{new}/artifacts/config.json")).stat().st_size
+    assert f"artifacts (2 files, {(1500 + config_size) / 1000:.1f} kB):" == artifacts[0]
+    assert ["PATH", "SIZE"] == artifacts[1].split()
+    assert ["config.json", str(config_size), "B"] == artifacts[2].split()
+    assert ["notes/readme.txt", "1.5", "kB"] == artifacts[3].split()
+
+
+def test_latest_names_the_newest_run(numbered: tuple[Path, str, str], tmp_path: Path) -> None:
+    """`latest` stands for the newest run in show, tail and plot."""
+    root, _old, new = numbered
+    result = cli("show", "latest", "--uri", root)
+    assert (0, f"run         {new}") == (result.returncode, result.stdout.splitlines()[0])
+    result = cli("tail", "latest", "--uri", root)
+    assert 0 == result.returncode, result.stderr
+    assert result.stdout.startswith(f"run {new} (new): FINISHED")
+    out = tmp_path / "latest.png"
+    result = cli("plot", "latest", "loss", "-o", out, "--uri", root)
+    assert (0, "") == (result.returncode, result.stderr)
+    assert PNG_SIGNATURE == out.read_bytes()[:8]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(cli("show", "latest", "--uri", empty), "no runs in", "latest")
+
+
+def test_plot_takes_shell_style_patterns(numbered: tuple[Path, str, str], tmp_path: Path) -> None:
+    """`steplog plot RUN 'grad_norm/*'` plots each matching key (one panel each); one matching none is an error."""
+    root, _old, new = numbered
+    out = tmp_path / "grads.png"
+    result = cli("plot", new[:8], "grad_norm/*", "-o", out, "--uri", root)
+    assert (0, "") == (result.returncode, result.stderr)
+    assert "(1 run, 3 panels," in result.stdout
+    result = cli("plot", new[:8], "-k", "grad_norm/[12]", "-k", "loss", "-o", out, "--uri", root)
+    assert (0, "") == (result.returncode, result.stderr)
+    assert "(1 run, 3 panels," in result.stdout
+    assert_one_line_error(
+        cli("plot", new[:8], "acc/*", "-o", tmp_path / "none.png", "--uri", root),
+        "pattern 'acc/*' matches no metric",
+        "grad_norm/2, grad_norm/10",
+    )
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_bench_from_an_installed_wheel_says_to_run_from_a_checkout(tmp_path: Path) -> None:
+    """Installed without its source tree (as from a wheel), `steplog bench` is a one-line error naming `make bench`."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(Path(steplog.__file__).parent, site / "steplog", ignore=shutil.ignore_patterns("__pycache__"))
+    env = clean_env(PYTHONPATH=str(site))
+    result = subprocess.run(
+        [sys.executable, "-m", "steplog", "bench", "--quick"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert 2 == result.returncode
+    assert_one_line_error(
+        result, "steplog bench: error: steplog bench needs the source checkout", "run from a checkout: make bench"
+    )
+    assert str(site / "steplog") in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "steplog", "--help"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert "(source checkout only: make bench)" in " ".join(result.stdout.split())

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from steplog import Store
-from steplog._fsck import check_store as fsck_store
+from steplog._cli.fsck import check_store as fsck_store
 from steplog._layout import encode_metric_lines
 from steplog.sinks.mlruns import align_lines
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import steplog
-from steplog.cli import main as cli_main
+from steplog._cli import main as cli_main
 
 
 def mlflow_store(store: Path) -> tuple[Any, str, str]:
@@ -129,3 +129,76 @@ def test_missing_store_is_a_one_line_error(tmp_path: Path, capsys: pytest.Captur
         f"steplog fsck: error: no store at {tmp_path / 'nowhere'}: give the path of an mlruns directory\n"
         == captured.err
     )
+
+
+def backdate(*paths: Path) -> None:
+    """Make files look an hour old (older than fsck's grace for a live run's temp files)."""
+    an_hour_ago = time.time() - 3600
+    for path in paths:
+        os.utime(path, (an_hour_ago, an_hour_ago), follow_symlinks=False)
+
+
+def test_leftovers_of_an_interrupted_artifact_copy_are_found_and_removed(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A partial temp copy under artifacts/ and a .steplog-staging folder are findings; --repair removes only them."""
+    _client, experiment_id, run_id = mlflow_store(store)
+    run_dir = store / experiment_id / run_id
+    (run_dir / "artifacts" / "ckpt").mkdir()
+    kept = run_dir / "artifacts" / "ckpt" / "model.pt"
+    kept.write_bytes(b"whole model")
+    partial = run_dir / "artifacts" / "ckpt" / ".steplog-tmp-1a2b3c-model.pt"
+    partial.write_bytes(b"half a mod")
+    staging = run_dir / ".steplog-staging"
+    (staging / "42").mkdir(parents=True)
+    (staging / "42" / "weights.bin").write_bytes(b"\0" * 100)
+    backdate(partial, staging / "42" / "weights.bin", staging / "42", staging)
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the store's")
+    linked = run_dir / "artifacts" / ".steplog-staging"
+    linked.symlink_to(outside, target_is_directory=True)
+    backdate(linked)
+
+    status, out = fsck(capsys, str(store))
+    assert 1 == status
+    text = "\n".join(out)
+    assert f"problem  {partial}: leftover temp file of an interrupted artifact copy (partial data); --repair" in text
+    assert f"problem  {staging}: leftover staging folder of an interrupted artifact copy" in text
+    assert f"problem  {linked}: leftover temp file of an interrupted artifact copy" in text
+    assert out[-1].startswith(f"{store}: 3 problems, 0 repaired, 3 remaining")
+
+    status, out = fsck(capsys, "--repair", str(store))
+    assert (0, f"{store}: 3 problems, 3 repaired, 0 remaining") == (status, out[-1])
+    assert not partial.exists()
+    assert not staging.exists()
+    assert not linked.is_symlink()
+    assert "not the store's" == (outside / "keep.txt").read_text()  # the link went, never what it points to
+    assert b"whole model" == kept.read_bytes()
+    assert (0, [f"{store}: no problems found"]) == fsck(capsys, str(store))
+
+
+def test_a_young_staging_folder_is_left_alone(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A staging folder written in the last minute may belong to a live run: reported, not removed."""
+    _client, experiment_id, run_id = mlflow_store(store)
+    staging = store / experiment_id / run_id / ".steplog-staging"
+    staging.mkdir()
+    (staging / "part").write_bytes(b"x")
+    status, out = fsck(capsys, "--repair", str(store))
+    assert 1 == status
+    assert "s old: may belong to a live run, left alone)" in out[0]
+    assert staging.is_dir()
+
+
+@pytest.mark.parametrize("status", ["DONE", "7", "3.0"])
+def test_an_unrepairable_status_says_what_to_do(store: Path, status: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run status fsck cannot map is reported with the file to edit and the statuses MLflow accepts."""
+    _client, experiment_id, run_id = mlflow_store(store)
+    meta = store / experiment_id / run_id / "meta.yaml"
+    meta.write_text(meta.read_text().replace("status: 3", f"status: {status}"))
+    code, out = fsck(capsys, "--repair", str(store))
+    assert 1 == code
+    (line,) = [line for line in out if line.startswith("problem")]
+    assert f"problem  {meta}: run status " in line
+    assert f"edit {meta} and set `status:` to 1 (RUNNING), 2 (SCHEDULED), 3 (FINISHED), 4 (FAILED), 5 (KILLED)" in line
+    assert "then run fsck again" in line

@@ -146,7 +146,7 @@ def test_sync_uploads_a_local_store_idempotently(mlflow_server: Any, tmp_path: P
     assert 0 == cli_main(["sync", str(store), "--to", mlflow_server.url])
     out = capsys.readouterr().out
     assert "created" in out
-    assert "updated" in out
+    assert "up to date" in out
     client = _client(mlflow_server.url)
     experiment = client.get_experiment_by_name("rest-sync")
     runs = client.search_runs([experiment.experiment_id])

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 import steplog
+from steplog._cli.sync_command import sync
 from steplog._journal import Journal, journal_folders
 from steplog._records import RunStatus
-from steplog._sync import sync
 from steplog.sinks.mlflow_rest import (
     MAX_BODY_BYTES,
     MlflowRestSink,

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import CommandError
+from ._cli import CommandError
 
 __all__ = ["SUITE", "find_benchmarks", "register", "run_suite"]
 
@@ -42,10 +42,11 @@ _OTHERS: dict[str, list[str]] = {
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="run the benchmarks against sync logging and the peers (from a source checkout)",
+        help="run the benchmarks against sync logging and the peers (source checkout only: make bench)",
         description="Run benchmarks/ side by side: steplog, naive and buffered sync logging, MLflow sync and "
         "async, tensorboardX, W&B offline and trackio (those installed: pip install -e '.[bench]'). "
-        "Prints each table and the targets, and writes JSON and PNG files under benchmarks/results/.",
+        "Prints each table and the targets, and writes JSON and PNG files under benchmarks/results/. "
+        "The benchmarks ship with the source, not the wheel: run it from a checkout (make bench).",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer rounds, smaller sizes, in one process (< 1 min)")
@@ -57,18 +58,25 @@ def register(subparsers: Any) -> None:
 
 
 def find_benchmarks() -> Path:
-    """The ``benchmarks/`` folder of the source tree steplog is imported from."""
-    folder = Path(__file__).resolve().parents[2] / "benchmarks"
-    if not (folder / "_common.py").is_file():
+    """The ``benchmarks/`` folder of the source checkout steplog is imported from.
+
+    Raises:
+        CommandError: steplog is installed from a wheel (the benchmarks are not in it).
+    """
+    package = Path(__file__).resolve().parent
+    checkout = package.parents[1]
+    folder = checkout / "benchmarks"
+    if not ((folder / "_common.py").is_file() and (checkout / "pyproject.toml").is_file()):
         raise CommandError(
-            f"no benchmarks/ folder next to this steplog ({Path(__file__).resolve().parent}): the benchmarks run "
-            "from a source checkout; clone the repository and run `make bench` (or pip install -e '.[bench]' "
-            "there, then `steplog bench`)"
+            f"steplog bench needs the source checkout, and this steplog ({package}) is installed without its "
+            "benchmarks/: run from a checkout: make bench (git clone the repository, then `make bench` there)",
+            status=2,
         )
     return folder
 
 
 def _main(args: argparse.Namespace) -> int:
+    find_benchmarks()  # first: from a wheel, nothing else this command says would help
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SUITE)
     unknown = sorted(set(names) - set(SUITE))

@@ -16,8 +16,10 @@ Works on any MLflow file store, steplog's or MLflow's own. What it looks for
   ``experiment_id`` (from its folders), a missing ``end_time`` (null), a status written
   as a name (its integer), a missing ``artifact_uri``, missing ``metrics/ params/
   artifacts/`` folders. Anything else is reported, not guessed.
-* stray steplog temp files (``.steplog-tmp-*``) left by a crash between write and rename.
-  Repair: delete those older than a minute (a younger one may belong to a live run).
+* stray steplog temp files (``.steplog-tmp*``) left by a crash between write and rename, and
+  leftovers of an interrupted artifact copy inside a run (a ``.steplog-tmp*`` file or folder
+  under ``artifacts/``, or a ``.steplog-staging`` folder): partial data MLflow would list as
+  artifacts. Repair: delete those older than a minute (a younger one may belong to a live run).
 
 Repair rewrites files atomically (temp file, then rename), so run it when no process
 is writing to the store. The exit status is 0 when no problem remains, 1 otherwise.
@@ -27,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._layout import (
+from .._layout import (
     META,
     RESERVED_EXPERIMENT_FOLDERS,
     RESERVED_ROOT_FOLDERS,
@@ -44,12 +48,17 @@ from ._layout import (
     uri_to_path,
     write_atomic,
 )
-from ._records import RunStatus
+from .._records import RunStatus
 
 __all__ = ["Finding", "check_store", "register"]
 
 _TMP_GRACE_SECONDS = 60.0
 _STATUS_CODES = {s.name: int(s) for s in RunStatus}
+_STATUS_CHOICES = ", ".join(f"{code} ({name})" for name, code in _STATUS_CODES.items())
+_STAGING_DIR = ".steplog-staging"
+"""A folder of this name inside a run holds artifact copies not yet moved to their final names."""
+_TMP_STEM = TMP_PREFIX.rstrip("-")
+"""Any file or folder inside a run whose name starts with this is an interrupted write's leftover."""
 _EXPERIMENT_REQUIRED = ("experiment_id", "name", "artifact_location", "lifecycle_stage")
 _RUN_REQUIRED = ("run_id", "experiment_id", "user_id", "start_time")
 
@@ -108,7 +117,7 @@ def _check_run(run_dir: Path, artifact_location: str, *, repair: bool, now: floa
     if not meta_path.exists() and not any((run_dir / name).is_dir() for name in ("metrics", "params", "tags")):
         return []  # not a run folder
     findings += _check_run_meta(run_dir, artifact_location, repair=repair)
-    findings += _stray_temp_files(run_dir, repair=repair, now=now, recursive=True)
+    findings += _leftovers(run_dir, repair=repair, now=now)
     metrics = run_dir / "metrics"
     if metrics.is_dir():
         for _key, path in sorted(iter_files(metrics)):
@@ -139,14 +148,26 @@ def _check_run_meta(run_dir: Path, artifact_location: str, *, repair: bool) -> l
         fixes["end_time"] = None
         notes.append("end_time missing -> null")
     status = meta.get("status")
-    if isinstance(status, str):
-        if status.upper() in _STATUS_CODES:
-            fixes["status"] = _STATUS_CODES[status.upper()]
-            notes.append(f"status {status!r} -> {fixes['status']}")
-        else:
-            findings.append(Finding(meta_path, f"run status {status!r} is not one of MLflow's statuses"))
+    if isinstance(status, str) and status.strip().upper() in _STATUS_CODES:
+        fixes["status"] = _STATUS_CODES[status.strip().upper()]
+        notes.append(f"status {status!r} -> {fixes['status']}")
+    elif "status" in meta and not (type(status) is int and status in _STATUS_CODES.values()):
+        findings.append(
+            Finding(
+                meta_path,
+                f"run status {status!r} is not one of MLflow's statuses, so MLflow cannot read this run and "
+                f"fsck cannot tell which it was: edit {meta_path} and set `status:` to {_STATUS_CHOICES} "
+                "(3 if the run completed, 4 if it failed, 5 if it was stopped), then run fsck again",
+            )
+        )
     if meta.get("lifecycle_stage") not in (None, "active", "deleted"):
-        findings.append(Finding(meta_path, f"run lifecycle_stage {meta.get('lifecycle_stage')!r} breaks search_runs"))
+        findings.append(
+            Finding(
+                meta_path,
+                f"run lifecycle_stage {meta.get('lifecycle_stage')!r} breaks search_runs: edit {meta_path} and set "
+                "`lifecycle_stage:` to active (or deleted, to hide the run)",
+            )
+        )
     if not meta.get("artifact_uri"):
         fixes["artifact_uri"] = f"{artifact_location.rstrip('/')}/{run_dir.name}/artifacts"
         notes.append("artifact_uri missing -> set")
@@ -251,6 +272,59 @@ def _stray_temp_files(folder: Path, *, repair: bool, now: float, recursive: bool
         yield Finding(path, f"stray steplog temp file left by an interrupted write{note}", repaired)
 
 
+def _leftovers(run_dir: Path, *, repair: bool, now: float) -> Iterator[Finding]:
+    """Temp files and staging folders an interrupted write or artifact copy left inside a run.
+
+    A leftover under ``artifacts/`` (or a staging folder) is a partial artifact copy: the run's
+    artifact is missing or stale, and MLflow would list the temp file as an artifact. Those younger
+    than a minute may belong to a live run and are left alone.
+    """
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(run_dir):
+        for name in list(dirnames):
+            if name == _STAGING_DIR or name.startswith(_TMP_STEM):
+                found.append(Path(dirpath, name))
+                dirnames.remove(name)  # reported whole; nothing below it is walked
+        found.extend(Path(dirpath, name) for name in filenames if name.startswith(_TMP_STEM))
+    artifacts = run_dir / "artifacts"
+    for path in sorted(found):
+        age = now - _newest_mtime(path)
+        young = age < _TMP_GRACE_SECONDS
+        is_dir = path.is_dir() and not path.is_symlink()
+        if is_dir or path.is_relative_to(artifacts):
+            what = (
+                f"leftover {'staging folder' if is_dir else 'temp file'} of an interrupted artifact copy (partial data)"
+            )
+            todo = "; --repair removes it, then log the artifact again if the run lacks it"
+        else:
+            what, todo = "stray steplog temp file left by an interrupted write", ""
+        note = f" ({age:.0f} s old: may belong to a live run, left alone)" if young else todo
+        repaired = None
+        if repair and not young:
+            if is_dir:
+                shutil.rmtree(path)
+            else:
+                path.unlink()  # a symlink is removed itself, never what it points to
+            repaired = "deleted"
+        yield Finding(path, f"{what}{note}", repaired)
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest modification time of a file, or of a folder and everything in it."""
+    try:
+        newest = path.lstat().st_mtime
+    except OSError:
+        return 0.0
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, _dirnames, filenames in os.walk(path):
+            for name in filenames:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+                except OSError:
+                    continue
+    return newest
+
+
 def _read_meta(path: Path) -> tuple[dict[str, Any], str | None]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -298,8 +372,8 @@ def register(subparsers: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from ._run import resolve_tracking_uri
-    from .cli import CommandError
+    from .._run import resolve_tracking_uri
+    from . import CommandError
 
     uri = resolve_tracking_uri(args.store)
     if uri.lower().startswith(("http://", "https://")):
