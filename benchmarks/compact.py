@@ -144,9 +144,9 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
     for nkeys in (20, 1):
         keys = KEYS[:nkeys]
         makers: dict[str, Callable[[], Any]] = {
-            "no-op": lambda: c.Noop(),
-            "lists (today)": lambda: ListBuffer(keys),
-            "columns (proposed)": lambda: ColumnBuffer(keys),
+            "no-op": c.Noop,
+            "lists (today)": lambda keys=keys: ListBuffer(keys),
+            "columns (proposed)": lambda keys=keys: ColumnBuffer(keys),
         }
         ns: dict[str, list[float]] = {n: [] for n in makers}
         drain: dict[str, list[float]] = {n: [] for n in makers}

@@ -25,7 +25,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
-
 from steplog._encode import encode_columns
 from steplog.sinks.mlruns import _lines
 
@@ -53,18 +52,24 @@ def _time(f: Callable[[], object], reps: int) -> tuple[float, float]:
     return (time.perf_counter_ns() - t0) / reps / N, (time.thread_time_ns() - c0) / reps / N
 
 
+def _current(t: list[int], v: list[float], s: list[int]) -> Callable[[], object]:
+    items = [x for row in zip(t, v, s, strict=True) for x in row]
+    return lambda: _lines(items)
+
+
+def _arrays(t: list[int], v: list[float], s: list[int]) -> Callable[[], object]:
+    a, b, d = array("q", t), array("d", v), array("q", s)
+    return lambda: encode_columns(a, b, d)
+
+
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
     rounds = c.pick(mode, 1, 5, 15)
     reps = c.pick(mode, 2, 20, 50)
     encoders: dict[str, Callable[[list[int], list[float], list[int]], Callable[[], object]]] = {
-        "current (per point, mlruns _lines)": lambda t, v, s: (
-            lambda items=[x for row in zip(t, v, s, strict=True) for x in row]: _lines(items)
-        ),
+        "current (per point, mlruns _lines)": _current,
         "columns (_encode, lists)": lambda t, v, s: lambda: encode_columns(t, v, s),
-        "columns (_encode, arrays)": lambda t, v, s: (
-            lambda a=array("q", t), b=array("d", v), d=array("q", s): encode_columns(a, b, d)
-        ),
+        "columns (_encode, arrays)": _arrays,
     }
     wall: dict[str, dict[str, list[float]]] = {sh: {e: [] for e in encoders} for sh in SHAPES}
     cpu: dict[str, dict[str, list[float]]] = {sh: {e: [] for e in encoders} for sh in SHAPES}

@@ -119,7 +119,9 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
             for backend in backends:
                 p99 = row[backend]["p99_ms"]
                 targets.append(
-                    c.target(f"event-loop lag p99 while logging, {backend}", p99, "≤ 0.5 ms", p99 <= 0.5, f"{p99:.2f} ms")
+                    c.target(
+                        f"event-loop lag p99 while logging, {backend}", p99, "≤ 0.5 ms", p99 <= 0.5, f"{p99:.2f} ms"
+                    )
                 )
     fields = {"rounds": rounds, "seconds_per_run": seconds, "backends": backends, "rows": rows}
     packages = ("steplog", "anyio", "trio", "mlflow")

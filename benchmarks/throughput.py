@@ -165,7 +165,20 @@ def _print(result: dict[str, Any]) -> None:
                 f"{r['points_per_round']:,}",
             ]
         )
-    print(c.table(["contender", "points/s", "min-max", "steplog is x", "points per CPU-s", "CPU ns/point, other threads", "points per round"], rows))
+    print(
+        c.table(
+            [
+                "contender",
+                "points/s",
+                "min-max",
+                "steplog is x",
+                "points per CPU-s",
+                "CPU ns/point, other threads",
+                "points per round",
+            ],
+            rows,
+        )
+    )
     for name, ok in result["all_written"].items():
         print(f"check: {name}: every point written = {ok}")
     c.print_footer(result)

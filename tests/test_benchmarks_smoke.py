@@ -42,7 +42,11 @@ def test_summary_lists_every_target(smoke_results: Path) -> None:
     summary = json.loads((smoke_results / "summary.json").read_text())
     assert list(SUITE) == summary["benchmarks"]
     figures = {t["figure"] for t in summary["targets"]}
-    assert {"import steplog", "hot path, one key per call", "end-to-end throughput (log_metric per key), incl. close"} <= figures
+    assert {
+        "import steplog",
+        "hot path, one key per call",
+        "end-to-end throughput (log_metric per key), incl. close",
+    } <= figures
     text = (smoke_results / "summary.md").read_text()
     assert all(f"| {t['figure']}" in text for t in summary["targets"])
 

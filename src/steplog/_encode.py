@@ -18,8 +18,8 @@ to that per-point encoder, so every spelling stays the one MLflow reads back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from bisect import bisect_right
+from collections.abc import Sequence
 
 import orjson
 
@@ -51,7 +51,8 @@ def encode_columns(timestamps: Sequence[int], values: Sequence[float], steps: Se
         parts: list[bytes] = []
         for stamp, start, end in runs:
             whole = start == 0 and end == n
-            data = orjson.dumps(list(zip(values, steps) if whole else zip(values[start:end], steps[start:end])))
+            pairs = zip(values, steps) if whole else zip(values[start:end], steps[start:end])  # noqa: B905
+            data = orjson.dumps(list(pairs))
             if _NULL in data:
                 return encode_columns_reference(timestamps, values, steps)
             # [[v,s],[v,s]] -> "v s\nTS v s\nTS": drop "[", each "]" becomes a line end and the
@@ -100,6 +101,6 @@ def encode_columns_reference(timestamps: Sequence[int], values: Sequence[float],
         return b""
     items: list[object] = [None] * (3 * n)
     items[0::3] = timestamps
-    items[1::3] = encode_values(values if isinstance(values, list) else values.tolist())
+    items[1::3] = encode_values(values if isinstance(values, list) else list(values))
     items[2::3] = steps
     return (_LINE * n) % tuple(items)
