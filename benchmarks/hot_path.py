@@ -14,8 +14,10 @@ The "sustained" table measures the way a training loop lives: one run per shape 
 open, the writer at steady state (a warm-up first, then no flush between samples), keyword
 ``step=``, a new step every 10 (or 20) calls, 10 and 20 keys per step. Each sample of
 steplog's calls is timed right beside a sample of the same loop calling a no-op method of
-the same signature (order alternating), and the figure is the median over samples of the
-ratio of the two, wall and CPU of the calling thread. The calling thread's CPU/wall ratio
+the same signature (order alternating). The figure is the ratio of the totals (all steplog
+samples over all no-op samples): the writer holds the interpreter lock in bursts every
+50 ms, so a median of per-sample ratios would hide it; the per-sample ratios' median and
+min-max are shown beside it. Wall and CPU of the calling thread. The calling thread's CPU/wall ratio
 for the no-op samples says how much of a core it had.
 
     python benchmarks/hot_path.py [--quick | --smoke] [--out DIR]
@@ -130,6 +132,8 @@ def sustained(mode: str, root: Path) -> dict[str, Any]:
             "noop_cpu_ns": c.summary(cpu["no-op"]),
             "ratio": c.summary([a / b for a, b in zip(wall["steplog"], wall["no-op"], strict=True)]),
             "cpu_ratio": c.summary([a / b for a, b in zip(cpu["steplog"], cpu["no-op"], strict=True)]),
+            "total_ratio": sum(wall["steplog"]) / sum(wall["no-op"]),
+            "total_cpu_ratio": sum(cpu["steplog"]) / sum(cpu["no-op"]),
             "noop_cpu_share": c.summary([u / w for u, w in zip(cpu["no-op"], wall["no-op"], strict=True)]),
             "close_s": close_s,
             "all_written": stats.logged == stats.written > 0,
@@ -242,14 +246,14 @@ def _targets(by: dict[str, Any], held: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     sus = []
     for shape, fig in held.items():
-        x, xc = fig["ratio"]["median"], fig["cpu_ratio"]["median"]
+        x, xc = fig["total_ratio"], fig["total_cpu_ratio"]
         sus.append(
             c.target(
                 f"sustained hot path vs no-op call, {shape} (writer running, step=, wall)",
                 x,
                 "≤ 3x",
                 x <= 3,
-                f"{x:.2f}x ({fig['ns']['median']:.0f} vs {fig['noop_ns']['median']:.0f} ns; CPU {xc:.2f}x)",
+                f"{x:.2f}x (median sample {fig['ratio']['median']:.2f}x; CPU {xc:.2f}x)",
             )
         )
     ns = by["steplog"]["single_ns"]["median"]
@@ -319,9 +323,10 @@ def _print(result: dict[str, Any]) -> None:
                 f"{v['calls']:,}",
                 c.fmt(v["ns"]["median"]),
                 c.fmt(v["noop_ns"]["median"]),
+                c.fmt(v["total_ratio"], "x"),
                 f"{c.fmt(v['ratio']['median'], 'x')} ({c.fmt(v['ratio']['min'])}-{c.fmt(v['ratio']['max'])})",
                 c.fmt(v["cpu_ns"]["median"]),
-                c.fmt(v["cpu_ratio"]["median"], "x"),
+                c.fmt(v["total_cpu_ratio"], "x"),
                 f"{v['noop_cpu_share']['median']:.0%}",
                 c.fmt(v["close_s"] * 1000),
             ]
@@ -332,7 +337,8 @@ def _print(result: dict[str, Any]) -> None:
             "calls",
             "ns/call",
             "no-op ns",
-            "x no-op (min-max)",
+            "x no-op (totals)",
+            "per sample: median (min-max)",
             "CPU ns/call",
             "CPU x no-op",
             "CPU/wall (no-op)",
