@@ -42,7 +42,6 @@ SUITE = (
     "flush_latency",
     "event_loop",
     "memory",
-    "encode",
 )
 """The suite's scripts, in the order they run (the cheapest first)."""
 
