@@ -9,7 +9,10 @@ replaced by a no-op (patched in this process only; the library is not changed):
 * end-to-end points/s (20 x ``log_metric`` per step, including ``close()``) and the CPU
   of the threads but the caller's per point;
 * the asyncio event-loop lag p99 while logging at full speed (event_loop.py's scenario);
-* the loop overhead at 20 ``log_metric`` per 200 µs pure-Python step, including close.
+* the loop overhead at 20 ``log_metric`` per 200 µs pure-Python step, including close;
+* the flush latency p99 with ~1 ms pure-Python steps (flush_latency.py's watcher process):
+  the figure the setting was introduced for (a write cycle over 20 files waited a switch
+  interval for the lock after each ``os.write``).
 
     python benchmarks/switch_interval.py [--quick | --smoke]
 """
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 import contenders as cs
 import event_loop
+import flush_latency
 import hot_path
 import loop_overhead
 import steplog._writer as writer_module
@@ -54,8 +58,11 @@ def _figures(mode: str, root: Path) -> dict[str, float]:
     n = c.pick(mode, 5, 300, 1500)
     base, _ = loop_overhead._loop(lambda: c.busy(n_busy), n, None, False)
     logged, _ = loop_overhead._loop(lambda: c.busy(n_busy), n, cs.STEPLOG.open(root / "lo"), False)
+    n_ms = c.calibrate_busy(0.001)
+    flush = flush_latency._one(cs.STEPLOG, root / "fl", c.pick(mode, 5, 300, 1500), lambda: c.busy(n_ms))
     return {
-        "sustained_x_noop": held["ratio"]["median"],
+        "flush_latency_p99_ms": c.percentile([x * 1000 for x in flush], 99),
+        "sustained_x_noop": held["total_ratio"],
         "points_per_s": steps * 20 / elapsed,
         "writer_cpu_ns_per_point": others / (steps * 20) * 1e9,
         "asyncio_lag_p99_ms": c.percentile([x * 1000 for x in lags], 99),
