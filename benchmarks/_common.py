@@ -366,7 +366,7 @@ def print_targets(targets: Sequence[dict[str, Any]]) -> None:
     """Print the targets as a table with a ✓/✗ column."""
     if not targets:
         return
-    rows = [(t["figure"], t["text"], t["target"], "met" if t["ok"] else "MISSED") for t in targets]
+    rows = [(t["figure"], t["text"], t["target"], "PASS" if t["ok"] else "MISS") for t in targets]
     print()
     print(table(["target", "measured", "goal", ""], rows))
 
@@ -374,3 +374,39 @@ def print_targets(targets: Sequence[dict[str, Any]]) -> None:
 def scaled(cost_us: float, budget_s: float, *, lo: int, hi: int) -> int:
     """How many operations of ``cost_us`` fit in ``budget_s``, clamped to ``[lo, hi]``."""
     return max(lo, min(hi, int(budget_s * 1e6 / max(cost_us, 1e-3))))
+
+
+def cpu_share(seconds: float = 0.2) -> float:
+    """This thread's CPU time over wall time while it spins for ``seconds``: 1.0 on an idle core.
+
+    Below 1 the thread waited for a CPU (other processes, or this process's other threads):
+    figures measured meanwhile are inflated by about that factor.
+    """
+    c0 = time.thread_time()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        busy(2_000)
+    return (time.thread_time() - c0) / (time.perf_counter() - t0)
+
+
+def load_average() -> float:
+    """The 1-minute load average (NaN where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+def too_busy(load: float, share: float, cpus: int | None = None) -> str | None:
+    """Why the machine was too busy for figures to be judged, or None.
+
+    Busy when the load average leaves less than half a core free (``load > cpus - 0.5``) or
+    when a spinning thread got less than 90 % of a core.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    reasons = []
+    if load > cpus - 0.5:
+        reasons.append(f"load average {load:.2f} on {cpus} CPUs (> {cpus - 0.5:.1f})")
+    if share < 0.9:
+        reasons.append(f"a spinning thread got {share:.0%} of a core (< 90 %)")
+    return "; ".join(reasons) or None

@@ -8,8 +8,17 @@ subtracted). steplog's writer runs all the while, as it does in training, so the
 figures include the time its thread holds the interpreter lock; "CPU ns/call" is the
 calling thread's own CPU time per call, which other processes on a busy machine do not
 inflate. Between samples (untimed) steplog's buffer is flushed, so each sample measures
-the call and not backpressure from a writer that a burst of 50,000 calls in a few
-milliseconds outruns (throughput.py measures the sustained rate).
+the call with the writer idle: the "idle writer" table.
+
+The "sustained" table measures the way a training loop lives: one run per shape kept
+open, the writer at steady state (a warm-up first, then no flush between samples), keyword
+``step=``, a new step every 10 (or 20) calls, 10 and 20 keys per step. Each sample of
+steplog's calls is timed right beside a sample of the same loop calling a no-op method of
+the same signature (order alternating). The figure is the ratio of the totals (all steplog
+samples over all no-op samples): the writer holds the interpreter lock in bursts every
+50 ms, so a median of per-sample ratios would hide it; the per-sample ratios' median and
+min-max are shown beside it. Wall and CPU of the calling thread. The calling thread's CPU/wall ratio
+for the no-op samples says how much of a core it had.
 
     python benchmarks/hot_path.py [--quick | --smoke] [--out DIR]
 """
@@ -68,6 +77,68 @@ def _settle(logger: Any) -> None:
     flush = getattr(logger, "flush", None)
     if flush is not None:
         flush()
+
+
+def _sustained_loop(
+    log_metric: Callable[..., Any], keys: Sequence[str], values: Sequence[float], step0: int, steps: int
+) -> tuple[float, float]:
+    """Wall and thread-CPU seconds of ``steps`` steps, one keyword-``step=`` call per key."""
+    c0 = time.thread_time()
+    t0 = time.perf_counter()
+    for step in range(step0, step0 + steps):
+        for key, value in zip(keys, values):  # noqa: B905
+            log_metric(key, value, step=step)
+    return time.perf_counter() - t0, time.thread_time() - c0
+
+
+def sustained(mode: str, root: Path) -> dict[str, Any]:
+    """The sustained hot path per shape: ns per call and ratios to a no-op call measured beside it."""
+    samples = c.pick(mode, 2, 50, 150)
+    sample_s = c.pick(mode, 0.0005, 0.004, 0.004)  # the writer wakes every 50 ms: many samples span a write
+    warmup_s = c.pick(mode, 0.001, 0.15, 0.3)
+    out: dict[str, Any] = {}
+    for nkeys in (10, 20):
+        keys = KEYS[:nkeys]
+        values = [0.1 + i / 7 for i in range(nkeys)]
+        noop = c.Noop()
+        run = cs.STEPLOG.open(root / f"sustained-{nkeys}")
+        wall: dict[str, list[float]] = {"steplog": [], "no-op": []}
+        cpu: dict[str, list[float]] = {"steplog": [], "no-op": []}
+        step = 0
+        try:
+            # warm-up until the writer has written a few times; it also sizes the samples
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < warmup_s or n == 0:
+                _sustained_loop(run.log_metric, keys, values, step, 100)
+                step, n = step + 100, n + 100
+            steps = max(1, int(sample_s / ((time.perf_counter() - t0) / n)))
+            for i in range(samples):
+                pair = [("steplog", run.log_metric), ("no-op", noop.log_metric)]
+                for name, f in pair if i % 2 == 0 else pair[::-1]:
+                    w, u = _sustained_loop(f, keys, values, step, steps)
+                    step += steps
+                    wall[name].append(w / (steps * nkeys) * 1e9)
+                    cpu[name].append(u / (steps * nkeys) * 1e9)
+        finally:
+            t0 = time.perf_counter()
+            run.close()
+            close_s = time.perf_counter() - t0
+        stats = run.stats()  # type: ignore[attr-defined]
+        out[f"{nkeys} keys per step"] = {
+            "calls": steps * nkeys * samples,
+            "ns": c.summary(wall["steplog"]),
+            "cpu_ns": c.summary(cpu["steplog"]),
+            "noop_ns": c.summary(wall["no-op"]),
+            "noop_cpu_ns": c.summary(cpu["no-op"]),
+            "ratio": c.summary([a / b for a, b in zip(wall["steplog"], wall["no-op"], strict=True)]),
+            "cpu_ratio": c.summary([a / b for a, b in zip(cpu["steplog"], cpu["no-op"], strict=True)]),
+            "total_ratio": sum(wall["steplog"]) / sum(wall["no-op"]),
+            "total_cpu_ratio": sum(cpu["steplog"]) / sum(cpu["no-op"]),
+            "noop_cpu_share": c.summary([u / w for u, w in zip(cpu["no-op"], wall["no-op"], strict=True)]),
+            "close_s": close_s,
+            "all_written": stats.logged == stats.written > 0,
+        }
+    return out
 
 
 def _timer_floor() -> float:
@@ -151,8 +222,16 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
     for row in rows:
         row["x_steplog_single"] = row["single_ns"]["median"] / base
         row["x_steplog_dict20"] = row["dict20_ns"]["median"] / base_d
-    targets = _targets(by)
-    fields = {"rounds": rounds, "timer_floor_ns": floor, "rows": rows, "steplog_all_written": all(written)}
+    with tempfile.TemporaryDirectory(prefix="steplog-bench-") as tmp:
+        held = sustained(mode, Path(tmp))
+    targets = _targets(by, held)
+    fields = {
+        "rounds": rounds,
+        "timer_floor_ns": floor,
+        "rows": rows,
+        "sustained": held,
+        "steplog_all_written": all(written) and all(v["all_written"] for v in held.values()),
+    }
     result = c.result_of(TITLE, mode, fields, targets=targets, notes=notes)
     return c.report(NAME, result, out, _print, _chart(rows) if chart else None)
 
@@ -162,9 +241,21 @@ def _chart(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
     return c.bar_chart_drawer(names, values, TITLE + " (log scale; lower is better)", "ns per log_metric call (median)")
 
 
-def _targets(by: dict[str, Any]) -> list[dict[str, Any]]:
+def _targets(by: dict[str, Any], held: dict[str, Any]) -> list[dict[str, Any]]:
     if "steplog" not in by:
         return []
+    sus = []
+    for shape, fig in held.items():
+        x, xc = fig["total_ratio"], fig["total_cpu_ratio"]
+        sus.append(
+            c.target(
+                f"sustained hot path vs no-op call, {shape} (writer running, step=, wall)",
+                x,
+                "≤ 3x",
+                x <= 3,
+                f"{x:.2f}x (median sample {fig['ratio']['median']:.2f}x; CPU {xc:.2f}x)",
+            )
+        )
     ns = by["steplog"]["single_ns"]["median"]
     noop = by["no-op"]["single_ns"]["median"]
     cpu = by["steplog"]["single_cpu_ns"]["median"]
@@ -187,7 +278,7 @@ def _targets(by: dict[str, Any]) -> list[dict[str, Any]]:
         if name in by:
             x = by[name]["x_steplog_single"]
             out.append(c.target(f"faster than {name}", x, f"≥ {goal}x", x >= goal, f"{x:,.0f}x"))
-    return out
+    return sus + out
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -221,7 +312,39 @@ def _print(result: dict[str, Any]) -> None:
                 c.fmt(r["x_steplog_dict20"], "x"),
             ]
         )
+    print("\nidle writer (flushed between samples, untimed):")
     print(c.table(headers, rows))
+    held = result.get("sustained") or {}
+    if held:
+        print("\nsustained (writer running, no flush between samples, keyword step=, median of interleaved samples):")
+        srows = [
+            [
+                shape,
+                f"{v['calls']:,}",
+                c.fmt(v["ns"]["median"]),
+                c.fmt(v["noop_ns"]["median"]),
+                c.fmt(v["total_ratio"], "x"),
+                f"{c.fmt(v['ratio']['median'], 'x')} ({c.fmt(v['ratio']['min'])}-{c.fmt(v['ratio']['max'])})",
+                c.fmt(v["cpu_ns"]["median"]),
+                c.fmt(v["total_cpu_ratio"], "x"),
+                f"{v['noop_cpu_share']['median']:.0%}",
+                c.fmt(v["close_s"] * 1000),
+            ]
+            for shape, v in held.items()
+        ]
+        heads = [
+            "shape",
+            "calls",
+            "ns/call",
+            "no-op ns",
+            "x no-op (totals)",
+            "per sample: median (min-max)",
+            "CPU ns/call",
+            "CPU x no-op",
+            "CPU/wall (no-op)",
+            "close ms",
+        ]
+        print(c.table(heads, srows))
     c.print_footer(result)
 
 

@@ -9,6 +9,12 @@ JSON and PNG files to ``benchmarks/results/`` (``results/quick/`` for ``--quick`
 A full run starts one fresh interpreter per script, so no contender's leftover threads
 disturb the next script; ``--quick`` (under a minute) runs them in this process with
 fewer rounds and smaller sizes, to see the picture fast.
+
+Either way the summary states the load average and how much of a core a spinning thread
+got, before and after the suite, and says when the machine was too busy to judge the
+figures (load above the number of CPUs less half a core, or less than 90 % of a core):
+the ratios (steplog against a no-op call or a sync writer measured beside it, in the
+same rounds) stay meaningful on a busy machine, the absolute figures do not.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from ._cli import CommandError
 
 __all__ = ["SUITE", "find_benchmarks", "register", "run_suite"]
 
-SUITE = ("import_time", "hot_path", "throughput", "loop_overhead", "flush_latency", "event_loop", "memory")
+SUITE = (
+    "import_time",
+    "hot_path",
+    "throughput",
+    "loop_overhead",
+    "flush_latency",
+    "event_loop",
+    "memory",
+)
 """The suite's scripts, in the order they run (the cheapest first)."""
 
 # Other issues' benchmarks, run as they are by a full run when present (not by --quick).
@@ -102,6 +116,7 @@ def run_suite(
     out = common.default_out(mode) if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    probes = [(common.load_average(), common.cpu_share())]
     failed: list[str] = []
     for name in names:
         print(f"\n=== {name} ({mode}) ===", flush=True)
@@ -126,11 +141,14 @@ def run_suite(
                 print(f"\n=== {name} (another issue's benchmark, run as is) ===", flush=True)
                 if subprocess.run([sys.executable, str(script), *extra], check=False).returncode != 0:
                     failed.append(name)
-    _summarize(names, out, mode, time.perf_counter() - started, common)
+    probes.append((common.load_average(), common.cpu_share()))
+    _summarize(names, out, mode, time.perf_counter() - started, common, probes)
     return failed
 
 
-def _summarize(names: list[str], out: Path, mode: str, seconds: float, common: Any) -> None:
+def _summarize(
+    names: list[str], out: Path, mode: str, seconds: float, common: Any, probes: list[tuple[float, float]]
+) -> None:
     """Print the targets of every script with results in ``out``, and write summary.json and summary.md.
 
     Results from earlier runs of the scripts not run this time (``--only``) are included too,
@@ -143,19 +161,45 @@ def _summarize(names: list[str], out: Path, mode: str, seconds: float, common: A
             results[name] = json.loads(path.read_text(encoding="utf-8"))
     targets = [dict(t, benchmark=name) for name, r in results.items() for t in r.get("targets", [])]
     machine = common.machine()
-    summary = {"mode": mode, "seconds": seconds, "machine": machine, "targets": targets, "benchmarks": list(results)}
+    load = max(p[0] for p in probes)
+    share = min(p[1] for p in probes)
+    busy = common.too_busy(load, share, machine["cpus"])
+    summary = {
+        "mode": mode,
+        "seconds": seconds,
+        "machine": machine,
+        "load_average": [p[0] for p in probes],
+        "cpu_share": [p[1] for p in probes],
+        "too_busy": busy,
+        "targets": targets,
+        "benchmarks": list(results),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     header = (
         f"Machine: {machine['cpu']} ({machine['cpus']} CPUs), {machine['platform']}, "
-        f"Python {machine['python']}; load average at start {machine['load_1min_at_start']:.1f}. "
-        f"Mode: {mode}; {seconds:.0f} s."
+        f"Python {machine['python']}. Mode: {mode}; {seconds:.0f} s. "
+        f"Load average (1 min) before/after: {probes[0][0]:.2f}/{probes[-1][0]:.2f}; "
+        f"a spinning thread got {probes[0][1]:.0%}/{probes[-1][1]:.0%} of a core."
     )
-    rows = [(t["figure"], t["text"], t["target"], "met" if t["ok"] else "MISSED") for t in targets]
+    verdict = (
+        f"TOO BUSY TO JUDGE: {busy}. Absolute figures (ns, points/s, lag) are inflated; the ratios "
+        "(x no-op, x buffered sync, measured in the same rounds) still compare like with like. "
+        "Rerun on a quieter machine to judge the targets."
+        if busy
+        else "Machine quiet enough to judge the targets."
+    )
+    rows = [(t["figure"], t["text"], t["target"], "PASS" if t["ok"] else "MISS") for t in targets]
     when = ", ".join(f"{name} {r.get('when', '?')}" for name, r in results.items() if name not in names)
     if when:
         header += f" From earlier runs: {when}."
     table = common.table(["target", "measured", "goal", ""], rows)
-    sections = [f"# steplog benchmarks ({time.strftime('%Y-%m-%d', time.gmtime())})", header, "## Targets", table]
+    sections = [
+        f"# steplog benchmarks ({time.strftime('%Y-%m-%d', time.gmtime())})",
+        header,
+        verdict,
+        "## Targets",
+        table,
+    ]
     for name, result in results.items():
         module = sys.modules.get(name) or importlib.import_module(name)
         buffer = io.StringIO()
@@ -163,4 +207,4 @@ def _summarize(names: list[str], out: Path, mode: str, seconds: float, common: A
             module._print(result)
         sections.append(buffer.getvalue().strip())
     (out / "summary.md").write_text("\n\n".join(sections) + "\n", encoding="utf-8")
-    print(f"\n=== summary ({mode}, {seconds:.0f} s) ===\n{header}\n\n{table}\n\nwritten: {out}")
+    print(f"\n=== summary ({mode}, {seconds:.0f} s) ===\n{header}\n{verdict}\n\n{table}\n\nwritten: {out}")
