@@ -278,10 +278,15 @@ class MlrunsSink:
                         self._meta["run_name"] = text
                         self._write_meta()
                     done.add(("tag", key))
-            for record in batch.artifacts:
+            # One path may come several times in a batch (a file logged again, folders merged): each is
+            # written in order, and the path counts as done only after its last record, so that a
+            # retry after a failure in between writes them all again instead of skipping the rest.
+            last = {record.artifact_path: i for i, record in enumerate(batch.artifacts)}
+            for i, record in enumerate(batch.artifacts):
                 if ("artifact", record.artifact_path) not in done:
                     self._write_artifact(record)
-                    done.add(("artifact", record.artifact_path))
+                    if last[record.artifact_path] == i:
+                        done.add(("artifact", record.artifact_path))
 
     def _encode(self, key: str, items: list[Any]) -> bytes:
         """Lines for a key's items, without points identical to one already written or queued."""
