@@ -1,4 +1,4 @@
-"""Artifacts are stored as they were at the call, reach their final name whole, and what can never be written is refused.
+"""Artifacts are stored as at the call, reach their final name whole; what can never be written is refused.
 
 ``log_artifact`` copies the file (or directory) into the run's staging folder at the call; the
 writer hard-links that snapshot into ``artifacts/`` through a temp name and a rename. MLflow reads
@@ -39,7 +39,7 @@ def artifact_bytes(client: Any, run_id: str, path: str, tmp_path: Path) -> bytes
 
 
 def test_file_is_stored_as_it_was_at_the_call(store: Path, tmp_path: Path) -> None:
-    """A checkpoint re-saved (truncated in place, same inode) after log_artifact is stored with the bytes of the call."""
+    """A checkpoint re-saved (truncated in place, same inode) after log_artifact is stored as at the call."""
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"epoch-1" * 1000)
     with steplog.start_run("snap", tracking_uri=store, **ASLEEP) as run:
@@ -70,7 +70,7 @@ def test_directory_is_stored_as_it_was_at_the_call(store: Path, tmp_path: Path) 
 
 
 def test_staging_is_invisible_to_mlflow_and_removed_at_close(store: Path, tmp_path: Path) -> None:
-    """While a snapshot waits for the writer, MLflow lists the run and its artifacts normally; after close no staging is left."""
+    """While a snapshot waits, MLflow lists the run and its artifacts normally; after close no staging is left."""
     src = tmp_path / "notes.txt"
     src.write_text("n")
     with steplog.start_run("snap", tracking_uri=store, **ASLEEP) as run:
@@ -84,8 +84,10 @@ def test_staging_is_invisible_to_mlflow_and_removed_at_close(store: Path, tmp_pa
     assert ["notes.txt"] == [a.path for a in client.list_artifacts(run.run_id)]
 
 
-def test_log_artifact_of_the_project_folder_leaves_out_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``log_artifact(".")`` with ./mlruns inside copies the project without the store (it used to copy itself forever)."""
+def test_log_artifact_of_the_project_folder_leaves_out_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``log_artifact(".")`` with ./mlruns inside copies the project without the store (it used to copy itself)."""
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)
     (project / "train.py").write_text("print('hi')")
@@ -103,14 +105,16 @@ def test_log_artifact_of_the_project_folder_leaves_out_the_store(tmp_path: Path,
 
 def test_log_artifact_of_the_store_itself_is_refused(store: Path) -> None:
     """Logging the tracking store as an artifact of one of its runs is refused at the call, naming the reason."""
-    with steplog.start_run("proj", tracking_uri=store, handle_signals=False) as run:
-        with pytest.raises(InvalidValueError, match="is a tracking store"):
-            run.log_artifact(store)
+    with (
+        steplog.start_run("proj", tracking_uri=store, handle_signals=False) as run,
+        pytest.raises(InvalidValueError, match="is a tracking store"),
+    ):
+        run.log_artifact(store)
     assert [] == client_for(store).list_artifacts(run.run_id)
 
 
 def test_file_then_folder_of_one_name_is_refused_at_the_second_call(store: Path, tmp_path: Path) -> None:
-    """``a/b.txt`` then ``a`` (and the reverse, and through log_artifact) cannot both exist: the second call is refused."""
+    """``a/b.txt`` then ``a`` (or the reverse, or via log_artifact) cannot both exist: the second call is refused."""
     src = tmp_path / "a"
     src.write_text("file named a")
     with steplog.start_run("clash", tracking_uri=store, handle_signals=False) as run:
@@ -120,7 +124,7 @@ def test_file_then_folder_of_one_name_is_refused_at_the_second_call(store: Path,
         with pytest.raises(InvalidValueError, match="'a' is already logged as a folder"):
             run.log_artifact(src)
         run.log_dict({"k": 1}, "c.json")
-        with pytest.raises(InvalidValueError, match="'c.json' is already logged as a file"):
+        with pytest.raises(InvalidValueError, match=r"'c\.json' is already logged as a file"):
             run.log_text("z", "c.json/d.txt")
         run.log_text("x2", "a/b.txt")  # the same file again overwrites, as in MLflow
         run.log_metric("after", 1.0, step=0)  # the run goes on
@@ -148,7 +152,7 @@ def test_folder_artifact_clashing_with_a_file_is_refused(store: Path, tmp_path: 
 
 
 def test_longest_names_are_written_and_longer_ones_refused(store: Path, tmp_path: Path) -> None:
-    """A 255-byte artifact name is written (the temp name no longer grows with it); a 256-byte part is refused at the call."""
+    """A 255-byte artifact name is written (the temp name does not grow with it); a 256-byte part is refused."""
     longest = "n" * 251 + ".txt"
     src = tmp_path / ("f" * 255)
     src.write_text("file")
@@ -228,3 +232,37 @@ def test_kill_mid_copy_leaves_no_truncated_artifact(store: Path, tmp_path: Path)
     assert half_written.exists()  # the kill did land mid-copy
     assert not half_written.is_relative_to(store / experiment_id / run_id / "artifacts")
     assert [] == client_for(store).list_artifacts(run_id)
+
+
+@pytest.mark.anyio
+async def test_artifact_logged_before_an_async_run_starts_is_a_snapshot_too(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before ``async with`` there is no run folder: the snapshot goes to a temp dir, is stored, then removed."""
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    src = tmp_path / "weights.bin"
+    src.write_bytes(b"first")
+    run = steplog.start_run("early", tracking_uri=store, handle_signals=False)
+    run.log_artifact(src)
+    src.write_bytes(b"second")
+    assert 1 == len(list(temp.iterdir()))  # the snapshot
+    async with run:
+        pass
+    assert b"first" == (store / run.experiment_id / run.run_id / "artifacts" / "weights.bin").read_bytes()
+    assert [] == list(temp.iterdir())
+
+
+def test_artifact_path_longer_than_the_os_allows_is_refused(store: Path) -> None:
+    """An artifact path whose names fit but whose whole path below the run folder is too long is refused."""
+    deep = "/".join(["d" * 200] * 25)  # 5,024 bytes: more than PATH_MAX (4,096)
+    with steplog.start_run("deep", tracking_uri=store, handle_signals=False) as run:
+        with pytest.raises(InvalidValueError, match="longer than"):
+            run.log_text("x", deep)
+        run.log_text("ok", "/".join(["d" * 200] * 10))
+    got = MlflowClient(tracking_uri=store.as_uri())
+    assert ["d" * 200] == [a.path for a in got.list_artifacts(run.run_id)]
+    assert "FINISHED" == got.get_run(run.run_id).info.status

@@ -32,7 +32,17 @@ from ._errors import InvalidValueError, WriteError
 from ._layout import temp_name
 from ._records import ArtifactRecord
 
-__all__ = ["STAGING", "ArtifactIndex", "StagedArtifact", "index_of", "place_file", "place_tree", "snapshot"]
+__all__ = [
+    "STAGING",
+    "ArtifactIndex",
+    "StagedArtifact",
+    "check_fits",
+    "index_of",
+    "is_snapshot",
+    "place_file",
+    "place_tree",
+    "snapshot",
+]
 
 STAGING = ".steplog-staging"
 """Folder in the run directory holding artifact snapshots until the sinks have written them."""
@@ -89,6 +99,28 @@ def _clash(path: str, where: str, kind: str) -> InvalidValueError:
     )
 
 
+try:
+    _PATH_MAX = os.pathconf("/", "PC_PATH_MAX")
+except (OSError, ValueError, AttributeError):  # pragma: no cover - no pathconf (Windows)
+    _PATH_MAX = 260
+
+
+def check_fits(paths: Iterable[str], bases: Sequence[Path]) -> None:
+    """Refuse artifact paths that, below one of ``bases``, would be longer than the OS allows.
+
+    Raises:
+        InvalidValueError: a path is too long for the run's artifact directory.
+    """
+    for base in bases:
+        room = _PATH_MAX - 2 - len(os.fsencode(base))  # a '/' and the terminating NUL
+        for path in paths:
+            if len(os.fsencode(path)) > room:
+                raise InvalidValueError(
+                    f"artifact '{path[:40]}...' is not allowed: below {base} the path would be longer than "
+                    f"the {_PATH_MAX} bytes the OS allows (shorten the artifact path)"
+                )
+
+
 _INDEXES: weakref.WeakKeyDictionary[object, ArtifactIndex] = weakref.WeakKeyDictionary()
 _INDEXES_LOCK = threading.Lock()
 
@@ -109,6 +141,7 @@ def snapshot(
     staging: Path | None,
     exclude: Sequence[Path] = (),
     index: ArtifactIndex | None = None,
+    bases: Sequence[Path] = (),
 ) -> StagedArtifact:
     """Copy ``source`` (a file or a directory) now, and return the record of the copy.
 
@@ -118,7 +151,8 @@ def snapshot(
         staging: the run's staging folder in the local store, or None for a temporary directory.
         exclude: directories never copied (the tracking stores: ``log_artifact(".")`` with
             ``./mlruns`` inside copies the project without the store).
-        index: the run's logged paths; the call's paths are claimed before anything is copied.
+        index: the run's logged paths; the call's paths are claimed once the copy is made.
+        bases: the local artifact directories the files will be written to (see :func:`check_fits`).
 
     Raises:
         InvalidValueError: ``source`` is a tracking store itself, or a path clashes.
@@ -147,12 +181,15 @@ def snapshot(
         _discard(folder)
         raise WriteError(f"cannot copy artifact {os.fspath(source)!r} at the call: {exc}") from exc
     try:
-        if index is not None:
-            if copy.is_dir():
-                files, dirs = _listing(copy)
-                below = [f"{artifact_path}/{d}" for d in dirs]
-                index.claim([f"{artifact_path}/{f}" for f in files], [artifact_path, *below])
-            else:
+        if copy.is_dir():
+            files, dirs = _listing(copy)
+            paths = [f"{artifact_path}/{f}" for f in files]
+            check_fits(paths, bases)
+            if index is not None:
+                index.claim(paths, [artifact_path, *(f"{artifact_path}/{d}" for d in dirs)])
+        else:
+            check_fits([artifact_path], bases)
+            if index is not None:
                 index.claim([artifact_path])
     except BaseException:
         _discard(folder)

@@ -225,12 +225,13 @@ class Run:
             staging=run_dirs[0] / _artifacts.STAGING if run_dirs else None,
             exclude=roots,
             index=_artifacts.index_of(self),
+            bases=[d / "artifacts" for d in run_dirs],
         )
         self._buffer.log_artifact(record)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write ``text`` (UTF-8) to ``artifact_file`` inside the run's artifacts."""
-        from ._artifacts import index_of
+        from ._artifacts import check_fits, index_of
 
         if not isinstance(text, str):
             raise InvalidValueError(f"log_text() takes str, not {type(text).__name__}")
@@ -241,6 +242,8 @@ class Run:
             raise InvalidValueError(
                 f"artifact file {path!r}: the text is not valid Unicode ({exc.reason} at {exc.start})"
             ) from None
+        run_dirs = [d for d in (getattr(sink, "run_dir", None) for sink in self._sinks) if isinstance(d, Path)]
+        check_fits([path], [d / "artifacts" for d in run_dirs])
         index_of(self).claim([path])
         self._buffer.log_artifact(ArtifactRecord(artifact_path=path, data=data))
 
@@ -249,7 +252,7 @@ class Run:
 
         The object is serialized at the call, so later changes to it are not logged.
         """
-        from ._artifacts import index_of
+        from ._artifacts import check_fits, index_of
 
         path = check_artifact_path(artifact_file, "artifact file")
         if path.endswith((".yaml", ".yml")):
@@ -272,6 +275,8 @@ class Run:
             data = text.encode("utf-8")
         except UnicodeEncodeError as exc:  # a lone surrogate in a YAML string (JSON escapes them)
             raise InvalidValueError(f"artifact file {path!r}: the object holds text that is not valid Unicode") from exc
+        run_dirs = [d for d in (getattr(sink, "run_dir", None) for sink in self._sinks) if isinstance(d, Path)]
+        check_fits([path], [d / "artifacts" for d in run_dirs])
         index_of(self).claim([path])
         self._buffer.log_artifact(ArtifactRecord(artifact_path=path, data=data))
 
