@@ -89,6 +89,7 @@ CASES: list[tuple[str, Call, tuple[type[BaseException], ...], tuple[str, ...]]] 
     ("text-not-str", lambda r, d: r.log_text(b"bytes", "a.txt"), VALUE, ("takes str",)),
     ("text-name-over-255-bytes", lambda r, d: r.log_text("x", "é" * 128), VALUE, ("artifact file", "255 bytes")),
     ("text-not-unicode", lambda r, d: r.log_text("bad\udc80", "a.txt"), VALUE, ("'a.txt'", "not valid Unicode")),
+    ("artifact-device", lambda r, d: r.log_artifact("/dev/zero"), VALUE, ("'/dev/zero'", "regular files")),
     ("artifact-store-itself", lambda r, d: r.log_artifact(d.parent / "mlruns"), VALUE, ("is a tracking store",)),
 ]
 

@@ -155,7 +155,8 @@ def snapshot(
         bases: the local artifact directories the files will be written to (see :func:`check_fits`).
 
     Raises:
-        InvalidValueError: ``source`` is a tracking store itself, or a path clashes.
+        InvalidValueError: ``source`` is a tracking store itself or not a regular file or
+            directory, or a path clashes with one already logged.
         WriteError: the copy failed (reading the source or writing the snapshot).
     """
     real = Path(os.path.realpath(source))
@@ -169,6 +170,10 @@ def snapshot(
         raise InvalidValueError(
             f"artifact {os.fspath(source)!r} is not allowed: it is a tracking store (or steplog's staging "
             "folder), which cannot be copied into itself"
+        )
+    if not real.is_dir() and not real.is_file():  # a FIFO or a device (/dev/zero) would be read forever
+        raise InvalidValueError(
+            f"artifact {os.fspath(source)!r} is not allowed: only regular files and directories can be logged"
         )
     folder = _new_folder(staging)
     copy = folder / (real.name or "artifact")
