@@ -266,3 +266,13 @@ def test_artifact_path_longer_than_the_os_allows_is_refused(store: Path) -> None
     got = MlflowClient(tracking_uri=store.as_uri())
     assert ["d" * 200] == [a.path for a in got.list_artifacts(run.run_id)]
     assert "FINISHED" == got.get_run(run.run_id).info.status
+
+
+def test_file_mode_is_kept_as_mlflow_keeps_it(store: Path, tmp_path: Path) -> None:
+    """An executable script logged as an artifact stays executable (MLflow copies with shutil.copy2)."""
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    with steplog.start_run("mode", tracking_uri=store, handle_signals=False) as run:
+        run.log_artifact(script)
+    assert 0o755 == (store / run.experiment_id / run.run_id / "artifacts" / "run.sh").stat().st_mode & 0o777

@@ -181,7 +181,7 @@ def snapshot(
         if real.is_dir():
             shutil.copytree(real, copy, ignore=_ignore(skip))
         else:
-            shutil.copyfile(real, copy)
+            shutil.copy2(real, copy)  # as MLflow does: the mode (an executable script) and times too
     except (OSError, shutil.Error) as exc:
         _discard(folder)
         raise WriteError(f"cannot copy artifact {os.fspath(source)!r} at the call: {exc}") from exc
@@ -279,7 +279,7 @@ def place_file(source: Path, dest: Path, temp_dir: Path, *, link: bool, fsync: b
             except OSError:
                 pass  # another file system, or links not supported: copy instead
         if not linked:
-            shutil.copyfile(source, tmp)
+            shutil.copy2(source, tmp)
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
