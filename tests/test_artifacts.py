@@ -20,6 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import steplog
+import steplog._artifacts
 from steplog import InvalidValueError
 from steplog._artifacts import STAGING
 
@@ -276,3 +277,24 @@ def test_file_mode_is_kept_as_mlflow_keeps_it(store: Path, tmp_path: Path) -> No
     with steplog.start_run("mode", tracking_uri=store, handle_signals=False) as run:
         run.log_artifact(script)
     assert 0o755 == (store / run.experiment_id / run.run_id / "artifacts" / "run.sh").stat().st_mode & 0o777
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_dropping_a_snapshot_leaves_the_parents_copy(tmp_path: Path) -> None:
+    """A snapshot record dropped in a forked child (a DataLoader worker) does not delete the parent's pending copy."""
+    import gc
+
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"w")
+    record = steplog._artifacts.snapshot(src, "w.bin", staging=tmp_path / STAGING)
+    staged = Path(str(record.source))
+    pid = os.fork()
+    if pid == 0:  # the child: drop the record, then leave without running the parent's exit handlers
+        del record
+        gc.collect()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert b"w" == staged.read_bytes()
+    del record
+    gc.collect()
+    assert not (tmp_path / STAGING).exists()  # the parent's own drop removes the copy and the empty folder

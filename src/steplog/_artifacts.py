@@ -200,7 +200,8 @@ def snapshot(
         _discard(folder)
         raise
     record = StagedArtifact(artifact_path=artifact_path, source=str(copy))
-    weakref.finalize(record, _discard, folder).atexit = False  # kept for the exit hook's last write
+    # kept at exit for the exit hook's last write; a forked child never removes its parent's snapshots
+    weakref.finalize(record, _discard, folder, os.getpid()).atexit = False
     return record
 
 
@@ -241,7 +242,9 @@ def _new_folder(staging: Path | None) -> Path:
         raise WriteError(f"cannot make a snapshot of the artifact in {staging}: {exc}") from exc
 
 
-def _discard(folder: Path) -> None:
+def _discard(folder: Path, pid: int | None = None) -> None:
+    if pid is not None and pid != os.getpid():
+        return
     shutil.rmtree(folder, ignore_errors=True)
     _remove_if_empty(folder.parent)
 
