@@ -31,6 +31,8 @@ CASES: list[tuple[str, Call, tuple[type[BaseException], ...], tuple[str, ...]]] 
     ("key-forbidden-char", lambda r, d: r.log_metric("loss!", 1.0), KEY, ("'loss!'", "found '!'")),
     ("key-newline", lambda r, d: r.log_metric("a\nb", 1.0), KEY, ("'a\\nb'", "may contain only")),
     ("key-not-str", lambda r, d: r.log_metric(5, 1.0), KEY, ("metric key 5", "must be str, not int")),
+    ("key-part-over-255-bytes", lambda r, d: r.log_metric("é" * 128, 1.0), KEY, ("metric key", "255 bytes")),
+    ("param-key-over-255-bytes", lambda r, d: r.log_param("é" * 128, 1), KEY, ("param key", "255 bytes")),
     ("key-file-then-dir", lambda r, d: r.log_metric("base/x", 1.0), KEY, ("'base/x'", "both a file and a folder")),
     ("key-dir-then-file", lambda r, d: r.log_metric("grp", 1.0), KEY, ("'grp'", "both a file and a folder")),
     ("value-str", lambda r, d: r.log_metric("v", "1.0"), VALUE, ("metric 'v'", "str is refused")),
@@ -85,6 +87,10 @@ CASES: list[tuple[str, Call, tuple[type[BaseException], ...], tuple[str, ...]]] 
     ("text-absolute", lambda r, d: r.log_text("x", str(d / "evil.txt")), VALUE, ("evil.txt", "relative path")),
     ("dict-escapes", lambda r, d: r.log_dict({"a": 1}, "../evil.json"), VALUE, ("evil.json", "inside the run's")),
     ("text-not-str", lambda r, d: r.log_text(b"bytes", "a.txt"), VALUE, ("takes str",)),
+    ("text-name-over-255-bytes", lambda r, d: r.log_text("x", "é" * 128), VALUE, ("artifact file", "255 bytes")),
+    ("text-not-unicode", lambda r, d: r.log_text("bad\udc80", "a.txt"), VALUE, ("'a.txt'", "not valid Unicode")),
+    ("artifact-device", lambda r, d: r.log_artifact("/dev/zero"), VALUE, ("'/dev/zero'", "regular files")),
+    ("artifact-store-itself", lambda r, d: r.log_artifact(d.parent / "mlruns"), VALUE, ("is a tracking store",)),
 ]
 
 

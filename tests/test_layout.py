@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mlflow.store.tracking.file_store import FileStore
 
@@ -322,3 +322,37 @@ def test_parse_meta_reads_long_values_that_pyyaml_wraps(name: str) -> None:
     text = yaml.safe_dump({"experiment_id": "1", "lifecycle_stage": "active", "name": name}, allow_unicode=True)
     assert "\n  " in text or "\n " in text  # the case under test: the value continues on another line
     assert name == parse_meta(text)["name"]
+
+
+# Plain (unquoted) scalars as a hand-edited or foreign meta.yaml may hold them: Unicode digits and
+# spaces, YAML 1.1 words and numbers, comments, indicators.
+_PLAIN_PIECES = ["١٢٣", "٣", "0", "7", "123", "-4", "+5", "0o7", "012", "1_0", "1.5", "1e3", ".5", "yes", "Off",
+                 "~", "null", "true", "実験", "\u3000", "\xa0", " ", "#", " #c", ":", ": ", "a", "-", "'", '"', "é",
+                 "\u2003", "\u00b2", "Ⅻ", "x"]  # fmt: skip
+
+
+@settings(deadline=None)  # the machine is shared: timings are noisy
+@given(value=st.lists(st.sampled_from(_PLAIN_PIECES), min_size=1, max_size=4).map("".join))
+@example(value="١٢٣")  # Arabic-Indic digits: a str to YAML (its ints are ASCII), an int to \d
+@example(value="実験\u3000")  # an ideographic space: part of the name to YAML, stripped by str.strip()
+@example(value="012")  # a YAML 1.1 octal int (10), not 12
+def test_parse_meta_reads_any_plain_value_as_pyyaml_does(value: str) -> None:
+    """Whatever a field holds unquoted, parse_meta gives what MLflow's reader (PyYAML safe_load) gives."""
+    text = f"experiment_id: '1'\nname: {value}\nlifecycle_stage: active\n"
+    try:
+        expected = yaml.safe_load(text)
+    except yaml.YAMLError:
+        with pytest.raises(ValueError):
+            parse_meta(text)
+        return
+    assert expected == parse_meta(text)
+
+
+@settings(deadline=None)  # the machine is shared: timings are noisy
+@given(name=st.text(max_size=30))
+@example(name="١٢٣")
+@example(name="実験\u3000")
+def test_parse_meta_reads_any_name_mlflow_dumps_as_pyyaml_does(name: str) -> None:
+    """Any name as MLflow's writer (safe_dump, allow_unicode) puts it in meta.yaml reads back as PyYAML reads it."""
+    text = yaml.safe_dump({"experiment_id": "1", "lifecycle_stage": "active", "name": name}, allow_unicode=True)
+    assert yaml.safe_load(text) == parse_meta(text)

@@ -21,9 +21,12 @@ from steplog import InvalidKeyError, InvalidValueError
 from steplog._validation import (
     INT64_MAX,
     INT64_MIN,
+    check_experiment_id,
     check_experiment_name,
     check_key,
     check_param_value,
+    check_run_id,
+    check_run_name,
     check_tag_value,
     to_step,
     to_timestamp,
@@ -321,3 +324,58 @@ def test_values_that_are_not_valid_unicode_are_refused(check: Any) -> None:
     """A lone surrogate can never be written to a file or sent to a server, so it is refused at the call."""
     with pytest.raises(InvalidValueError, match="not valid Unicode"):
         check("p", "a\ud800")
+
+
+# --------------------------------------------------------------------------- ids and names from outside
+
+
+def test_ids_mlflow_makes_are_accepted() -> None:
+    """Run ids as every MLflow backend makes them, and file-store and SQL experiment ids, pass unchanged."""
+    from steplog._layout import new_experiment_id, new_run_id
+
+    for run_id in [new_run_id() for _ in range(50)]:
+        assert run_id == check_run_id(run_id, "test")
+    for experiment_id in ["0", "1", "42", "9223372036854775807", *(new_experiment_id() for _ in range(50))]:
+        assert experiment_id == check_experiment_id(experiment_id, "test")
+
+
+@pytest.mark.parametrize(
+    "value", ["../x", "/abs", "", "g" * 32, "A" * 32, "a" * 33, "a" * 31, None, 123, "\u0660" * 32, "abc\n"], ids=repr
+)
+def test_malformed_run_ids_are_refused_naming_the_source(value: object) -> None:
+    """Anything but 32 lowercase ASCII hex digits is a StepLogError that names the id and where it came from."""
+    with pytest.raises(steplog.StepLogError, match="from the server's answer is not allowed: MLflow run ids"):
+        check_run_id(value, "the server's answer")
+
+
+@pytest.mark.parametrize("value", ["../1", "1/2", "", "-1", "1.0", "\u0661", "1" * 20, None, 1, " 1"], ids=repr)
+def test_malformed_experiment_ids_are_refused_naming_the_source(value: object) -> None:
+    """Anything but 1 to 19 ASCII digits is a StepLogError that names the id and where it came from."""
+    with pytest.raises(steplog.StepLogError, match="from a journal is not allowed: MLflow experiment ids"):
+        check_experiment_id(value, "a journal")
+
+
+def test_names_must_be_valid_unicode() -> None:
+    """Experiment and run names with a lone surrogate are InvalidValueError; other Unicode is accepted."""
+    assert "実験\u3000\u0661\u0662" == check_experiment_name("実験\u3000\u0661\u0662")
+    assert "run 😀" == check_run_name("run 😀")
+    with pytest.raises(InvalidValueError, match="experiment name 'a\\\\udc80' is not allowed: names must be valid"):
+        check_experiment_name("a\udc80")
+    with pytest.raises(InvalidValueError, match=r"run_name .* valid Unicode"):
+        check_run_name("\ud800")
+    for bad in ("", "x" * 251, None):
+        with pytest.raises(InvalidValueError, match="at most 250"):
+            check_run_name(bad)
+
+
+@pytest.mark.parametrize("key", ["é" * 128, "a/" + "é" * 128, "日" * 86, "x/" + "\U0001d400" * 64 + "/y"], ids=len)
+def test_key_parts_over_255_bytes_are_refused(key: str) -> None:
+    """A key part between '/' over 255 bytes of UTF-8 cannot be a file name: InvalidKeyError naming the rule."""
+    with pytest.raises(InvalidKeyError, match="at most 255 bytes in UTF-8"):
+        check_key(key, "metric")
+
+
+@pytest.mark.parametrize("key", ["é" * 127, "日" * 85, "\U0001d400" * 63, ("é" * 120 + "/") * 2 + "x"], ids=len)
+def test_key_parts_up_to_255_bytes_are_accepted(key: str) -> None:
+    """Parts of up to 255 bytes are accepted (the key as a whole may be longer, up to 250 characters)."""
+    assert key == check_key(key, "metric")

@@ -34,6 +34,7 @@ __all__ = [
     "parse_metric_lines",
     "random_run_name",
     "run_meta",
+    "temp_name",
     "uri_to_path",
     "write_atomic",
 ]
@@ -141,9 +142,25 @@ def dump_meta(fields: Mapping[str, Any]) -> str:
     return "".join(f"{key}: {_yaml_scalar(fields[key])}\n" for key in sorted(fields))
 
 
+# What PyYAML's safe_load reads a plain (unquoted) scalar as, for the spellings MLflow writes; any
+# other plain scalar that PyYAML might resolve to a non-str (floats, octal or sexagesimal ints,
+# timestamps, yes/no/on/off, ...) or might read differently (comments, indicators) goes to PyYAML.
+_PLAIN_INT = re.compile(r"-?(?:0|[1-9][0-9]*)", re.ASCII)  # YAML's digits are ASCII, not \d
+_PLAIN_WORDS: dict[str, Any] = {
+    "~": None, "null": None, "Null": None, "NULL": None,
+    "true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False,
+}  # fmt: skip
+_PLAIN_UNSURE = frozenset("0123456789+-.<=-?:,[]{}#&*!|>'\"%@`")
+_YAML_SPACE = " \t"  # the only characters YAML trims around a plain scalar (not U+3000 and the like)
+
+
+class _Unsure(ValueError):
+    """The flat parser cannot be sure it reads a line as PyYAML would."""
+
+
 def _parse_scalar(text: str) -> Any:
-    text = text.strip()
-    if text in ("", "~", "null", "Null", "NULL"):
+    text = text.strip(_YAML_SPACE)
+    if text == "":
         return None
     if text == "[]":
         return []
@@ -151,41 +168,53 @@ def _parse_scalar(text: str) -> Any:
         return {}
     if text[0] in "'\"":
         if len(text) < 2 or not text.endswith(text[0]):
-            raise ValueError("a quoted scalar that continues on the next line")  # PyYAML wraps long values
+            raise _Unsure("a quoted scalar that continues on the next line")  # PyYAML wraps long values
         if text[0] == "'":
-            return text[1:-1].replace("''", "'")
+            inner = text[1:-1]
+            if "'" in inner.replace("''", ""):
+                raise _Unsure("a quote inside a single-quoted scalar")
+            return inner.replace("''", "'")
+        if "\\" in text and re.search(r"\\(?![\\\"/bfnrt]|u[0-9a-cA-CefEF])", text):
+            raise _Unsure("a YAML escape that JSON spells differently (or a surrogate)")
         return json.loads(text)
-    if re.fullmatch(r"[-+]?\d+", text):
+    if text in _PLAIN_WORDS:
+        return _PLAIN_WORDS[text]
+    if _PLAIN_INT.fullmatch(text):
         return int(text)
-    if text in ("true", "True"):
-        return True
-    if text in ("false", "False"):
-        return False
+    if text[0] in _PLAIN_UNSURE or " #" in text or ": " in text or text.endswith(":"):
+        raise _Unsure(f"a plain scalar PyYAML may not read as text: {text[:20]!r}")
+    if text.lower() in ("yes", "no", "on", "off"):
+        raise _Unsure("a YAML 1.1 boolean")
     return text
 
 
 def parse_meta(text: str) -> dict[str, Any]:
-    """Parse a ``meta.yaml`` as MLflow writes it (a flat mapping; nested blocks are skipped).
+    """Parse a ``meta.yaml`` exactly as MLflow's reader (PyYAML ``safe_load``) does.
 
-    Falls back to PyYAML, when installed, for anything the flat parser does not understand.
+    A fast flat parser reads what MLflow and steplog write (block mappings of plain,
+    quoted and integer scalars); anything it is not sure PyYAML reads the same way
+    (wrapped lines, line breaks other than ``\\n``, tabs, YAML 1.1 words, floats, octal
+    ints, escapes JSON spells differently) is read by PyYAML itself.
     """
+    if "\r" in text or "\t" in text or "\x85" in text or "\u2028" in text or "\u2029" in text or "\ufeff" in text:
+        return _parse_meta_yaml(text)  # line breaks (and a BOM) PyYAML reads otherwise than str.split
     out: dict[str, Any] = {}
     after_scalar = False
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
+    for line in text.split("\n"):
+        if not line.strip(_YAML_SPACE) or line.lstrip(_YAML_SPACE).startswith("#"):
             continue
-        if line[0] in " \t-":
+        if line[0] in " -":
             if after_scalar:  # a long value PyYAML wrapped onto the next line: let PyYAML read it
                 return _parse_meta_yaml(text)
             continue  # a nested block (e.g. ``tags:`` of a deleted experiment): not needed
         key, sep, rest = line.partition(":")
-        if not sep:
+        if not sep or not re.fullmatch(r"[a-z_]+", key) or (rest and rest[0] != " "):
             return _parse_meta_yaml(text)
         try:
-            out[key.strip()] = _parse_scalar(rest)
+            out[key] = _parse_scalar(rest)
         except ValueError:
             return _parse_meta_yaml(text)
-        after_scalar = bool(rest.strip())
+        after_scalar = bool(rest.strip(_YAML_SPACE))
     return out
 
 
@@ -194,7 +223,10 @@ def _parse_meta_yaml(text: str) -> dict[str, Any]:
         import yaml
     except ImportError:  # pragma: no cover - PyYAML is present wherever MLflow is
         raise ValueError("meta.yaml is not a flat mapping and PyYAML is not installed") from None
-    data = yaml.safe_load(text)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"meta.yaml is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError("meta.yaml is not a mapping")
     return data
@@ -247,9 +279,11 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = False, temp_dir: Path
     """Replace ``path`` with ``data`` atomically (a temp file, then ``os.replace``).
 
     ``temp_dir`` (same filesystem) holds the temp file; give the run directory for anything under
-    ``metrics/``, ``params/`` or ``tags/``, where MLflow would read a stray temp file as an entry.
+    ``metrics/``, ``params/``, ``tags/`` or ``artifacts/``, where MLflow would read a stray temp file
+    as an entry. The temp name has a fixed length (:func:`temp_name`), so any name that fits the file
+    system can be written (a 250-character key included).
     """
-    tmp = (temp_dir or path.parent) / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}"
+    tmp = (temp_dir or path.parent) / temp_name()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
@@ -269,6 +303,11 @@ def write_atomic(path: Path, data: bytes, *, fsync: bool = False, temp_dir: Path
         with _suppress_oserror():
             os.unlink(tmp)
         raise
+
+
+def temp_name() -> str:
+    """A fresh temp file name: ``TMP_PREFIX`` and 12 hex digits (25 bytes, whatever the final name)."""
+    return f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
 
 
 class _suppress_oserror:

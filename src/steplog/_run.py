@@ -150,31 +150,67 @@ class Run:
             self._info = dataclasses.replace(self._info, run_name=str(name))
 
     def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        """Copy a file or directory into the run's artifacts (the writer copies it, not the caller).
+        """Store a file or directory in the run's artifacts, as it is at the call.
+
+        The call copies it (into the local store's staging folder, or a temporary
+        directory), so re-saving the file right after the call does not change what is
+        stored; the writer then moves the copy into place. A directory is copied without
+        any tracking store inside it (``log_artifact(".")`` with ``./mlruns`` in ``.``).
 
         Args:
             local_path: an existing file or directory.
             artifact_path: folder inside the run's artifacts to put it in (default: the root).
+
+        Raises:
+            InvalidValueError: the path does not exist, is a tracking store, or its name
+                clashes with an artifact already logged (a file and a folder of one name).
+            WriteError: the copy failed.
         """
+        from . import _artifacts
+
         source = Path(local_path)
         if not source.exists():
             raise InvalidValueError(f"artifact {os.fspath(local_path)!r} is not allowed: the path does not exist")
         name = source.resolve().name
         dest = name if artifact_path is None else f"{check_artifact_path(artifact_path)}/{name}"
-        self._buffer.log_artifact(ArtifactRecord(artifact_path=check_artifact_path(dest), source=str(source.resolve())))
+        dest = check_artifact_path(dest)
+        roots = [Path(root) for root in (getattr(sink, "root", None) for sink in self._sinks) if isinstance(root, Path)]
+        run_dirs = [d for d in (getattr(sink, "run_dir", None) for sink in self._sinks) if isinstance(d, Path)]
+        record = _artifacts.snapshot(
+            source.resolve(),
+            dest,
+            staging=run_dirs[0] / _artifacts.STAGING if run_dirs else None,
+            exclude=roots,
+            index=_artifacts.index_of(self),
+            bases=[d / "artifacts" for d in run_dirs],
+        )
+        self._buffer.log_artifact(record)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write ``text`` (UTF-8) to ``artifact_file`` inside the run's artifacts."""
+        from ._artifacts import check_fits, index_of
+
         if not isinstance(text, str):
             raise InvalidValueError(f"log_text() takes str, not {type(text).__name__}")
         path = check_artifact_path(artifact_file, "artifact file")
-        self._buffer.log_artifact(ArtifactRecord(artifact_path=path, data=text.encode("utf-8")))
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidValueError(
+                f"artifact file {path!r}: the text is not valid Unicode ({exc.reason} at {exc.start})"
+            ) from None
+        run_dirs = [d for d in (getattr(sink, "run_dir", None) for sink in self._sinks) if isinstance(d, Path)]
+        check_fits([path], [d / "artifacts" for d in run_dirs])
+        index_of(self).claim([path])
+        self._buffer.log_artifact(ArtifactRecord(artifact_path=path, data=data))
 
     def log_dict(self, dictionary: Any, artifact_file: str) -> None:
         """Write a JSON (or, for ``.yaml``/``.yml`` with PyYAML installed, YAML) artifact.
 
         The object is serialized at the call, so later changes to it are not logged.
         """
+        from ._artifacts import check_fits, index_of
+
         path = check_artifact_path(artifact_file, "artifact file")
         if path.endswith((".yaml", ".yml")):
             try:
@@ -192,7 +228,14 @@ class Run:
                 text = json.dumps(dictionary, indent=2)
             except (TypeError, ValueError) as exc:
                 raise InvalidValueError(f"artifact file {path!r}: the object is not JSON-serializable: {exc}") from exc
-        self._buffer.log_artifact(ArtifactRecord(artifact_path=path, data=text.encode("utf-8")))
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate in a YAML string (JSON escapes them)
+            raise InvalidValueError(f"artifact file {path!r}: the object holds text that is not valid Unicode") from exc
+        run_dirs = [d for d in (getattr(sink, "run_dir", None) for sink in self._sinks) if isinstance(d, Path)]
+        check_fits([path], [d / "artifacts" for d in run_dirs])
+        index_of(self).claim([path])
+        self._buffer.log_artifact(ArtifactRecord(artifact_path=path, data=data))
 
     # ------------------------------------------------------------------ identity and stats
 

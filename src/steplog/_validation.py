@@ -16,19 +16,23 @@ import re
 import sys
 from typing import Any
 
-from ._errors import InvalidKeyError, InvalidValueError
+from ._errors import InvalidKeyError, InvalidValueError, StepLogError
 
 __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "MAX_ENTITY_KEY_LENGTH",
     "MAX_EXPERIMENT_NAME_LENGTH",
+    "MAX_NAME_BYTES",
     "MAX_PARAM_VAL_LENGTH",
     "MAX_TAG_VAL_LENGTH",
     "check_artifact_path",
+    "check_experiment_id",
     "check_experiment_name",
     "check_key",
     "check_param_value",
+    "check_run_id",
+    "check_run_name",
     "check_tag_value",
     "to_step",
     "to_timestamp",
@@ -39,6 +43,8 @@ MAX_ENTITY_KEY_LENGTH = 250
 MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
 MAX_EXPERIMENT_NAME_LENGTH = 500
+MAX_NAME_BYTES = 255
+"""The longest file name (one path component) Linux, macOS and Windows file systems store, in UTF-8 bytes."""
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 
@@ -74,7 +80,20 @@ def check_key(key: object, kind: str = "metric") -> str:
             f"{kind} key {key!r} is not allowed: keys must be normalized paths "
             "(no '.' or '..' segments, no empty segment '//', no trailing '/')"
         )
+    if len(key) * 4 > MAX_NAME_BYTES:  # only a key this long can hold a segment over the limit
+        _check_segments(f"{kind} key", key)
     return key
+
+
+def _check_segments(what: str, path: str) -> None:
+    """Refuse a '/'-separated name with a segment no file system can store as a file name."""
+    for segment in path.split("/"):
+        size = len(segment.encode("utf-8", "surrogatepass"))
+        if size > MAX_NAME_BYTES:
+            raise InvalidKeyError(
+                f"{what} '{path[:40]}...' is not allowed: each part between '/' becomes a file or folder "
+                f"name and may be at most {MAX_NAME_BYTES} bytes in UTF-8 (a part is {size} bytes)"
+            )
 
 
 def check_experiment_name(name: object) -> str:
@@ -87,7 +106,75 @@ def check_experiment_name(name: object) -> str:
         raise InvalidKeyError(
             f"experiment name '{name[:40]}...' is not allowed: at most {MAX_EXPERIMENT_NAME_LENGTH} characters"
         )
+    _check_unicode("experiment name", name)
     return name
+
+
+def check_run_name(name: object) -> str:
+    """Return ``name`` if it is a valid run name (non-empty str of at most 250 valid Unicode characters)."""
+    if not isinstance(name, str) or not name or len(name) > MAX_ENTITY_KEY_LENGTH:
+        raise InvalidValueError(
+            f"run_name {name!r} is not allowed: a non-empty str of at most {MAX_ENTITY_KEY_LENGTH} characters"
+        )
+    _check_unicode("run_name", name)
+    return name
+
+
+def _check_unicode(what: str, name: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (e.g. from os.fsdecode of a non-UTF-8 path)
+        raise InvalidValueError(
+            f"{what} {name!r} is not allowed: names must be valid Unicode text that UTF-8 can encode "
+            f"({exc.reason} at {exc.start})"
+        ) from None
+
+
+# Ids an MLflow store or server hands out (MLFLOW_FORMAT.md §1.4, §1.6): run ids are uuid4().hex
+# on every backend; experiment ids are integers (18 digits on the file store, 0, 1, 2... on SQL).
+# Only these are accepted: each becomes a folder name, so anything else could lead outside the store.
+_RUN_ID_RE = re.compile(r"[0-9a-f]{32}", re.ASCII)
+_EXPERIMENT_ID_RE = re.compile(r"[0-9]{1,19}", re.ASCII)
+
+
+def check_run_id(value: object, source: str) -> str:
+    """Return ``value`` if it is a run id as MLflow makes them (32 lowercase hex digits), else raise.
+
+    Args:
+        value: the id, from outside steplog (a server's answer, a journal, the user).
+        source: where it came from, for the message (e.g. "the server's runs/create answer").
+
+    Raises:
+        StepLogError: the id is malformed; it is never used as a path.
+    """
+    if not isinstance(value, str) or not _RUN_ID_RE.fullmatch(value):
+        raise StepLogError(
+            f"run id {_shown(value)} from {source} is not allowed: MLflow run ids are 32 lowercase hex digits"
+        )
+    return value
+
+
+def check_experiment_id(value: object, source: str) -> str:
+    """Return ``value`` if it is an experiment id as MLflow makes them (decimal digits), else raise.
+
+    Args:
+        value: the id, from outside steplog (a server's answer, a journal, the user).
+        source: where it came from, for the message.
+
+    Raises:
+        StepLogError: the id is malformed; it is never used as a path.
+    """
+    if not isinstance(value, str) or not _EXPERIMENT_ID_RE.fullmatch(value):
+        raise StepLogError(
+            f"experiment id {_shown(value)} from {source} is not allowed: "
+            "MLflow experiment ids are 1 to 19 ASCII digits"
+        )
+    return value
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _stored_text(kind: str, key: str, value: object, limit: int) -> str:
@@ -235,6 +322,18 @@ def check_artifact_path(path: object, what: str = "artifact path") -> str:
         )
     if any("\x00" in p for p in parts):
         raise InvalidValueError(f"{what} {text!r} is not allowed: NUL characters")
+    for part in parts:
+        try:
+            size = len(os.fsencode(part))
+        except UnicodeEncodeError as exc:  # a lone surrogate no file system can name
+            raise InvalidValueError(
+                f"{what} {text!r} is not allowed: it must be valid Unicode text ({exc.reason} at {exc.start})"
+            ) from None
+        if size > MAX_NAME_BYTES:
+            raise InvalidValueError(
+                f"{what} '{text[:40]}...' is not allowed: each part between '/' becomes a file or folder name "
+                f"and may be at most {MAX_NAME_BYTES} bytes in UTF-8 (a part is {size} bytes)"
+            )
     return "/".join(parts)
 
 

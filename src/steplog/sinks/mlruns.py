@@ -18,16 +18,15 @@ import errno
 import fcntl
 import getpass
 import os
-import shutil
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 
+from .._artifacts import STAGING, is_snapshot, place_file, place_tree
 from .._errors import InvalidKeyError, WriteError
 from .._layout import (
     DEFAULT_EXPERIMENT_ID,
@@ -35,7 +34,6 @@ from .._layout import (
     META,
     RESERVED_ROOT_FOLDERS,
     RUN_DIRS,
-    TMP_PREFIX,
     dump_meta,
     encode_values,
     experiment_meta,
@@ -44,10 +42,19 @@ from .._layout import (
     new_run_id,
     parse_meta,
     run_meta,
+    temp_name,
     uri_to_path,
     write_atomic,
 )
 from .._records import ArtifactRecord, RunInfo, RunStatus
+from .._validation import (
+    check_experiment_id,
+    check_experiment_name,
+    check_key,
+    check_run_id,
+    check_run_name,
+    check_tag_value,
+)
 from ..typing import Batch, RunRequest
 
 __all__ = ["MlrunsSink", "default_user", "source_name"]
@@ -144,6 +151,17 @@ class MlrunsSink:
     def open_sync(self, request: RunRequest) -> RunInfo:
         """Create the experiment if needed and the run (directories, meta, system tags)."""
         root = self.root
+        # Everything that becomes a path or a file's content is checked before anything is created:
+        # the run id may be a server's answer (a hostile one could send "../../x"), and a name that
+        # UTF-8 cannot encode would fail halfway through, leaving a half-made run.
+        if request.run_id is not None:
+            check_run_id(request.run_id, "the run request (the tracking server's runs/create answer)")
+        if request.experiment_id is not None:
+            check_experiment_id(request.experiment_id, "the run request")
+        check_experiment_name(request.experiment_name)
+        check_run_name(request.run_name)
+        for key, value in request.tags.items():
+            check_tag_value(check_key(key, "tag"), value)
         try:
             root.mkdir(parents=True, exist_ok=True)
             with _locked(root):
@@ -157,8 +175,12 @@ class MlrunsSink:
                         experiment_id = new_experiment_id()
                     self._write_experiment(experiment_id, request.experiment_name)
         except OSError as exc:
-            raise WriteError(f"cannot create the experiment in {root}: {exc}") from exc
-        exp_meta = parse_meta((root / experiment_id / META).read_text(encoding="utf-8"))
+            raise _write_error(root, exc, "cannot create the experiment in") from exc
+        meta_path = root / experiment_id / META
+        try:
+            exp_meta = parse_meta(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise WriteError(f"cannot read {meta_path}: {exc}") from exc
         run_id = request.run_id or new_run_id()
         run_dir = root / experiment_id / run_id
         artifact_location = str(exp_meta.get("artifact_location") or file_uri(root / experiment_id))
@@ -189,7 +211,7 @@ class MlrunsSink:
             for key, value in tags.items():
                 self._write_value("tags", key, value)
         except OSError as exc:
-            raise WriteError(f"cannot create the run in {run_dir}: {exc}") from exc
+            raise _write_error(run_dir, exc, "cannot create the run in") from exc
         return RunInfo(
             run_id=run_id,
             experiment_id=experiment_id,
@@ -256,10 +278,15 @@ class MlrunsSink:
                         self._meta["run_name"] = text
                         self._write_meta()
                     done.add(("tag", key))
-            for record in batch.artifacts:
+            # One path may come several times in a batch (a file logged again, folders merged): each is
+            # written in order, and the path counts as done only after its last record, so that a
+            # retry after a failure in between writes them all again instead of skipping the rest.
+            last = {record.artifact_path: i for i, record in enumerate(batch.artifacts)}
+            for i, record in enumerate(batch.artifacts):
                 if ("artifact", record.artifact_path) not in done:
                     self._write_artifact(record)
-                    done.add(("artifact", record.artifact_path))
+                    if last[record.artifact_path] == i:
+                        done.add(("artifact", record.artifact_path))
 
     def _encode(self, key: str, items: list[Any]) -> bytes:
         """Lines for a key's items, without points identical to one already written or queued."""
@@ -331,7 +358,7 @@ class MlrunsSink:
         """Create the metric file together with its first lines (never an empty metric file)."""
         assert self.run_dir is not None
         final = self.run_dir / "metrics" / key
-        tmp = self.run_dir / f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
+        tmp = self.run_dir / temp_name()
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
@@ -393,21 +420,24 @@ class MlrunsSink:
         self.bytes_written += len(data)
 
     def _write_artifact(self, record: ArtifactRecord) -> None:
-        assert self.run_dir is not None
-        root = (self.run_dir / "artifacts").resolve()
+        """Put an artifact in place; every file goes through a temp name in the run folder, then a rename."""
+        run_dir = self.run_dir
+        assert run_dir is not None
+        root = (run_dir / "artifacts").resolve()
         dest = (root / record.artifact_path).resolve()
         if dest != root and root not in dest.parents:  # validated at the call; checked again here
             raise WriteError(f"artifact path {record.artifact_path!r} escapes the run's artifact directory")
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             if record.data is not None:
-                write_atomic(dest, record.data, fsync=self._fsync)
+                write_atomic(dest, record.data, fsync=self._fsync, temp_dir=run_dir)
                 self.bytes_written += len(record.data)
-            elif record.source is not None and os.path.isdir(record.source):
-                shutil.copytree(record.source, dest, dirs_exist_ok=True)
             elif record.source is not None:
-                shutil.copyfile(record.source, dest)
-                self.bytes_written += dest.stat().st_size
+                source = Path(record.source)
+                # a snapshot taken at the call is private to steplog: hard-link it, at no cost
+                link = is_snapshot(source, run_dir / STAGING)
+                place = place_tree if source.is_dir() else place_file
+                self.bytes_written += place(source, dest, run_dir, link=link, fsync=self._fsync)
         except OSError as exc:
             raise _write_error(dest, exc) from exc
 
@@ -532,9 +562,11 @@ def _append(handle: _MetricFile, data: bytes) -> int:
     return len(data)
 
 
-def _write_error(path: Path, exc: OSError) -> WriteError:
+def _write_error(path: Path, exc: OSError, what: str = "cannot write") -> WriteError:
+    """A WriteError naming the path and the cause, with the OS error's ``errno`` (and it as ``__cause__``)."""
     name = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
-    err = WriteError(f"cannot write {path}: {exc.strerror or exc}{f' ({name})' if name else ''}")
+    where = str(path) if exc.filename is None or str(exc.filename) == str(path) else f"{path} ({exc.filename})"
+    err = WriteError(f"{what} {where}: {exc.strerror or exc}{f' ({name})' if name else ''}")
     err.errno = exc.errno
     err.filename = str(path)
     return err
