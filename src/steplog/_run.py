@@ -86,6 +86,7 @@ class Run:
         # device tensors (CUDA, JAX) become floats in the writer, without stalling the device
         self._tensors = DeviceValues(flush_interval=options.flush_interval)
         self._buffer = Buffer(max_buffer=options.max_buffer, on_full=options.on_full, value_hook=self._tensors.convert)
+        self._sinks = tuple(sinks)  # artifacts are snapshotted into a local store's run folder
         self._writer = Writer(self._buffer, sinks, flush_interval=options.flush_interval)
         self._writer.deferred = self._tensors
         self._state = RunState.NEW
