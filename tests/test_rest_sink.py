@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 
 import steplog
-from _rest_fake import URL, FakeServer, error, items, make_sink
+from _rest_fake import FAST, URL, FakeServer, error, items, make_sink
 from steplog._journal import Journal, journal_folders
 from steplog._records import RunStatus
 from steplog._sync import sync
+from steplog.sinks.mlflow_rest import MlflowRestSink
 from steplog.typing import Batch, RunRequest
 
 # ---------------------------------------------------------------------------- the sink
@@ -126,11 +128,11 @@ def test_close_during_an_outage_leaves_a_journal_that_sync_uploads_once(tmp_path
     server = FakeServer()
     sink = make_sink(server, tmp_path)
     run = steplog.start_run("exp", sinks=[sink])
+    server.down = True  # before anything is logged: the writer cannot race the outage
     run.log_params({"lr": 0.1})
     for step in range(1500):
         run.log_metric("x", float(step), step=step)
     run.log_text("kept", "a.txt")
-    server.down = True
     with pytest.raises(steplog.StepLogError) as info:
         run.close(timeout=1.0)
     folder = tmp_path / "journal" / run.run_id
@@ -185,3 +187,165 @@ def test_an_artifact_the_server_cannot_take_does_not_stall_the_rest(tmp_path: Pa
         run.close()
     assert [1] == server.steps("after")
     assert "--serve-artifacts" in str(info.value)
+
+
+# ---------------------------------------------------------------------------- hostile answers
+
+
+def _answer_create_with(server: FakeServer, **changes: Any) -> Any:
+    """A fault: runs/create answers with some fields of the run's info replaced."""
+
+    def hook(request: httpx.Request) -> httpx.Response | None:
+        if not request.url.path.endswith("/runs/create"):
+            return None
+        info = server.handle(request).json()["run"]["info"]
+        info.update(changes)
+        return httpx.Response(200, json={"run": {"info": info}})
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"run_id": "../../escaped"},
+        {"run_id": "<absolute>"},
+        {"run_id": "0123456789ABCDEF0123456789ABCDEF"},
+        {"run_id": 12},
+        {"experiment_id": "../1"},
+        {"experiment_id": "١٢"},
+        {"artifact_uri": "mlflow-artifacts:/1/../../x"},
+    ],
+)
+def test_a_malformed_id_from_the_server_is_refused_at_start_and_nothing_is_written(
+    tmp_path: Path, changes: dict[str, Any]
+) -> None:
+    """A run id, experiment id or artifact URI that is not MLflow's is a StepLogError at start, and no
+    destination (the local store beside the server, the journal) writes anything for it."""
+    server = FakeServer()
+    if changes.get("run_id") == "<absolute>":
+        changes = {"run_id": str(tmp_path / "outside")}
+    server.fail_next = [lambda r: None, lambda r: None, _answer_create_with(server, **changes)]
+    store = tmp_path / "work" / "mlruns"
+    journal = tmp_path / "work" / "journal"
+    sink = make_sink(server, tmp_path, journal_dir=journal)
+    with pytest.raises(steplog.StepLogError) as info:
+        steplog.start_run("exp", sinks=[sink, steplog.sinks.MlrunsSink(store)])
+    assert "gave the" in str(info.value)
+    assert [] == sorted(tmp_path.iterdir())  # no store, no journal, nothing at "../../x" or the absolute path
+
+
+def test_invalid_json_at_start_is_a_steplog_error(tmp_path: Path) -> None:
+    """Broken JSON in answer to get-by-name is a StepLogError saying what answered, not a raw decode error."""
+    server = FakeServer()
+    server.fail_next = [lambda r: httpx.Response(200, text="{not json", headers={"Content-Type": "application/json"})]
+    with pytest.raises(steplog.StepLogError) as info:
+        steplog.start_run("exp", sinks=[make_sink(server, tmp_path)])
+    assert "not MLflow's JSON" in str(info.value)
+
+
+# ---------------------------------------------------------------------------- refusals that a fix undoes
+
+
+def test_an_expired_token_mid_run_keeps_every_point_for_sync(tmp_path: Path) -> None:
+    """A 401 mid-run drops nothing: the points go to the journal, the error says what to set, and
+    `steplog sync` uploads them all once the token is fixed."""
+    server = FakeServer()
+    sink = make_sink(server, tmp_path)
+    run = steplog.start_run("exp", sinks=[sink])
+    expired = True
+
+    def auth(request: httpx.Request) -> httpx.Response | None:
+        return error(401, "UNAUTHENTICATED", "token expired") if expired else None
+
+    server.fail_next = [auth] * 10_000
+    for step in range(500):
+        run.log_metric("x", float(step), step=step)
+    with pytest.raises(steplog.StepLogError) as info:
+        run.close(timeout=2.0)
+    assert "authentication failed (401)" in str(info.value)
+    assert "MLFLOW_TRACKING_TOKEN" in str(info.value)
+    assert [] == server.steps("x")
+    expired = False
+    folder = tmp_path / "journal" / run.run_id
+    (result,) = anyio.run(lambda: sync(folder, URL, transport=server.transport()))
+    assert list(range(500)) == server.steps("x")
+    assert 500 == result.points
+    assert "FINISHED" == server.runs[run.run_id]["status"]
+
+
+def test_a_200_that_is_not_mlflow_mid_run_is_not_an_acknowledgement(tmp_path: Path) -> None:
+    """A proxy's 200 login page in answer to log-batch counts nothing as stored: the points stay in the journal."""
+    server = FakeServer()
+    sink = make_sink(server, tmp_path)
+    run = steplog.start_run("exp", sinks=[sink])
+
+    def portal(request: httpx.Request) -> httpx.Response | None:
+        return httpx.Response(200, text="<html>Sign in</html>", headers={"Content-Type": "text/html"})
+
+    server.fail_next = [portal] * 10_000
+    for step in range(100):
+        run.log_metric("x", float(step), step=step)
+    with pytest.raises(steplog.StepLogError):
+        run.close(timeout=2.0)
+    assert 0 == sink.acknowledged_points
+    journal = Journal.open(tmp_path / "journal" / run.run_id)
+    points = sum(op.get("points", 0) for _, op in journal.pending())
+    journal.close()
+    assert 100 == points
+
+
+# ---------------------------------------------------------------------------- a hung server, the backlog
+
+
+@pytest.mark.anyio
+async def test_a_hung_server_is_given_up_on_and_close_journals_every_point(tmp_path: Path) -> None:
+    """log-batch requests that never get an answer end at the request deadline; write() returns, and close()
+    puts every point of every batch (not just the first) in the journal."""
+    server = FakeServer()
+    hung = anyio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(("/runs/log-batch", "/runs/update")) and not hung.is_set():
+            await anyio.sleep_forever()
+        return server.handle(request)
+
+    sink = MlflowRestSink(
+        URL, transport=httpx.MockTransport(handler), journal_dir=tmp_path / "j", retry=FAST, request_timeout=0.2
+    )
+    request = RunRequest(experiment_name="exp", run_name="r", tags={}, start_time=1, user_id="u")
+    await sink.open(request)
+    with anyio.fail_after(10):
+        for n in range(5):
+            await sink.write(Batch(metrics=[("x", items(100, start=100 * n))]))
+        with anyio.move_on_after(1.0), pytest.raises(steplog.StepLogError) as info:
+            await sink.close(RunStatus.FINISHED, 5)
+    assert "steplog sync" in str(info.value)
+    journal = Journal.open(tmp_path / "j" / sink.journal_path.name)  # type: ignore[union-attr]
+    steps = [m["step"] for _, op in journal.pending() for m in op.get("body", {}).get("metrics", [])]
+    journal.close()
+    assert list(range(500)) == steps
+    assert 0 == sink.acknowledged_points
+
+
+@pytest.mark.anyio
+async def test_a_backlog_is_drained_in_full_requests(tmp_path: Path) -> None:
+    """50 small batches taken during an outage go out as one 1000-metric request when the server is back,
+    and outage_state() describes the outage meanwhile."""
+    server = FakeServer()
+    sink = make_sink(server, tmp_path)
+    request = RunRequest(experiment_name="exp", run_name="r", tags={}, start_time=1, user_id="u")
+    await sink.open(request)
+    server.down = True
+    for n in range(50):
+        await sink.write(Batch(metrics=[("x", items(20, start=20 * n))]))
+    state = sink.outage_state()
+    assert (1000, 0) == (state.backlog_points, state.acknowledged_points)
+    assert state.retries >= 1
+    assert "cannot connect" in (state.last_error or "")
+    server.down = False
+    server.requests.clear()
+    await sink.close(RunStatus.FINISHED, 5)
+    assert 1 == sum(path.endswith("/runs/log-batch") for path in server.requests)
+    assert list(range(1000)) == server.steps("x")
+    assert (0, None, 1000) == (sink.backlog_points, sink.outage_state().last_error, sink.acknowledged_points)
