@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +352,38 @@ async def test_a_backlog_is_drained_in_full_requests(tmp_path: Path) -> None:
     assert 1 == sum(path.endswith("/runs/log-batch") for path in server.requests)
     assert list(range(1000)) == server.steps("x")
     assert (0, None, 1000) == (sink.backlog_points, sink.outage_state().last_error, sink.acknowledged_points)
+
+
+# ---------------------------------------------------------------------------- SIGTERM during an outage
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_outage_journals_every_point_within_a_short_grace_period(tmp_path: Path) -> None:
+    """SIGTERM with the server down, then SIGKILL 2 s later (docker stop with a short grace): the journal
+    already holds every point, because a close journals the backlog before it tries the server."""
+    points = 30_000
+    child = Path(__file__).parent / "_children" / "rest_outage.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(child), str(tmp_path / "journal"), str(points)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ready"), proc.communicate(timeout=30)
+        run_id = line.split()[1]
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(2.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # what docker does when the grace period is over
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    journal = Journal.open(tmp_path / "journal" / run_id)
+    steps = [m["step"] for _, op in journal.pending() for m in op.get("body", {}).get("metrics", [])]
+    journal.close()
+    assert list(range(points)) == steps
