@@ -56,9 +56,6 @@ class Backlog:
         self.journal_points = 0
         self.spilled_points = 0
 
-    def __bool__(self) -> bool:
-        return bool(self._items) or self.journal_points > 0 or self.journal is not None
-
     @property
     def memory(self) -> bool:
         return bool(self._items)
