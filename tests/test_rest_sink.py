@@ -6,6 +6,8 @@ import contextlib
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,12 +153,14 @@ def test_close_during_an_outage_leaves_a_journal_that_sync_uploads_once(tmp_path
 
 
 def test_emergency_path_writes_the_journal_without_network(tmp_path: Path) -> None:
-    """write_sync/close_sync (no event loop) put the batch and the run's end in the journal, in order."""
+    """write_sync/close_sync (no event loop) put the batch and the run's end in the journal, in order,
+    and leave them there when the server does not answer."""
     server = FakeServer()
     sink = make_sink(server, tmp_path)
 
     request = RunRequest(experiment_name="exp", run_name="r", tags={}, start_time=1, user_id="u")
     anyio.run(sink.open, request)
+    server.down = True
     sink.write_sync(Batch(metrics=[("x", items(3))]))
     sink.close_sync(RunStatus.KILLED, 99)
     assert sink.journal_path is not None
@@ -387,3 +391,45 @@ def test_sigterm_during_an_outage_journals_every_point_within_a_short_grace_peri
     steps = [m["step"] for _, op in journal.pending() for m in op.get("body", {}).get("metrics", [])]
     journal.close()
     assert list(range(points)) == steps
+
+
+def test_emergency_close_journals_then_sends_with_the_time_left(tmp_path: Path) -> None:
+    """With the server up, close_sync replays the journal it just wrote: the points and the run's end reach the
+    server, and the journal is removed."""
+    server = FakeServer()
+    sink = make_sink(server, tmp_path)
+    request = RunRequest(experiment_name="exp", run_name="r", tags={}, start_time=1, user_id="u")
+    info = anyio.run(sink.open, request)
+    sink.write_sync(Batch(metrics=[("x", items(1500))]))
+    sink.close_sync(RunStatus.KILLED, 99)
+    assert list(range(1500)) == server.steps("x")
+    assert ("KILLED", 99) == (server.runs[info.run_id]["status"], server.runs[info.run_id]["end_time"])
+    assert [] == journal_folders(tmp_path / "journal")
+
+
+class _SyncTrickle(httpx.SyncByteStream):
+    """A body that arrives one byte at a time, never ending."""
+
+    def __iter__(self) -> Any:
+        while True:
+            time.sleep(0.05)
+            yield b"{"
+
+
+def test_emergency_close_gives_up_on_a_trickling_server_and_keeps_the_journal(tmp_path: Path) -> None:
+    """A server that trickles its answer cannot hold the emergency close past its budget; the journal stays."""
+    server = FakeServer()
+    sink = make_sink(server, tmp_path, request_timeout=0.3)
+    request = RunRequest(experiment_name="exp", run_name="r", tags={}, start_time=1, user_id="u")
+    anyio.run(sink.open, request)
+    server.fail_next = [lambda r: httpx.Response(200, stream=_SyncTrickle())]
+    sink.write_sync(Batch(metrics=[("x", items(10))]))
+    closing = threading.Thread(target=sink.close_sync, args=(RunStatus.KILLED, 99), daemon=True)
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive()
+    assert sink.journal_path is not None
+    journal = Journal.open(sink.journal_path)
+    ops = [op["op"] for _, op in journal.pending()]
+    journal.close()
+    assert ["batch", "end"] == ops

@@ -61,7 +61,7 @@ from .._records import ArtifactRecord, RunInfo, RunStatus
 from .._runmeta import check_run_id, system_tags
 from ..typing import Batch, RunRequest
 from ._rest.client import RUN_KEY_TAG as RUN_KEY_TAG
-from ._rest.client import AuthError, NotMlflowError
+from ._rest.client import AuthError, NotMlflowError, replay_sync
 from ._rest.client import RestClient as RestClient
 from ._rest.client import artifact_files as artifact_files
 from ._rest.encode import MAX_BODY_BYTES as MAX_BODY_BYTES
@@ -449,12 +449,35 @@ class MlflowRestSink:
         self._spill()
 
     def close_sync(self, status: RunStatus, end_time: int) -> None:
-        """Emergency close (no event loop): record the end in the journal and say how to upload it."""
-        if self._info is None or self._closed:
+        """Emergency close (no event loop): journal first, then try the server with a short budget.
+
+        The backlog and the run's end are in the journal (fsynced) before any network wait;
+        then a blocking client replays it within ``min(request_timeout, 5)`` seconds in all.
+        What the server did not acknowledge stays in the journal, and the warning names the
+        ``steplog sync`` command that finishes the upload.
+        """
+        info = self._info
+        if info is None or self._closed:
             return
         self._closed = True
         self._spill(end=(status, end_time))
-        self._backlog.close_journal()
+        backlog = self._backlog
+        journal = backlog.journal
+        if journal is not None:
+
+            def ack(offset: int, points: int) -> None:
+                backlog.ack_journal(offset, points)
+                self.acknowledged_points += points
+
+            transport = self._transport if isinstance(self._transport, httpx.BaseTransport) else None
+            sent = replay_sync(
+                self.uri, journal.pending(), ack, run_id=info.run_id, budget=min(self._request_timeout, 5.0),
+                transport=transport,
+            )  # fmt: skip
+            if sent:
+                backlog.journal_done()
+                return
+        backlog.close_journal()
         log.warning("steplog: %s", self._left_in_journal_message())
 
     def _require_info(self) -> RunInfo:

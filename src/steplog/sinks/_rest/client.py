@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -37,7 +38,9 @@ __all__ = [
     "NotMlflowError",
     "RestClient",
     "artifact_files",
+    "check_answer",
     "check_artifact_uri",
+    "replay_sync",
 ]
 
 T = TypeVar("T")
@@ -126,6 +129,47 @@ def _tls_failure(exc: BaseException) -> str | None:
     return None
 
 
+def check_answer(
+    response: httpx.Response, display_uri: str, method: str, endpoint: str, *, json_answer: bool = True
+) -> dict[str, Any]:
+    """The one status parser: the answer's JSON object (``{}`` when none is expected), or the error it means."""
+    status = response.status_code
+    data = _json_object(response)
+    if 200 <= status < 300:
+        if data is not None:
+            return data
+        if not json_answer and (not response.content or "html" not in response.headers.get("Content-Type", "")):
+            return {}
+        raise NotMlflowError(
+            f"{display_uri} answered {method} {endpoint} with {_describe(response)}, not MLflow's JSON: "
+            "is the URL an MLflow tracking server (and not a login page or proxy)?",
+            status=status,
+        )
+    code = data.get("error_code") if data is not None else None
+    message = f"{code}: {str(data.get('message', ''))[:1000]}" if data and code else _describe(response)
+    if status in _TRANSIENT_STATUS and (code is not None or status != 500):
+        # a bare 500 page is how MLflow answers a malformed request: retrying cannot help
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        raise TransientError(f"{endpoint}: {message}", retry_after=retry_after)
+    if status in (401, 403):
+        raise AuthError(
+            f"authentication failed ({status}) at {display_uri} for {method} {endpoint}: {_AUTH_HINT} "
+            f"(the server said {message})",
+            status=status,
+            error_code=code,
+        )
+    if code is None:
+        raise NotMlflowError(
+            f"{display_uri} is not answering as an MLflow tracking server: {method} {endpoint} got {message}",
+            status=status,
+        )
+    raise ServerError(
+        f"the MLflow server at {display_uri} refused {method} {endpoint}: {message}",
+        status=status,
+        error_code=code,
+    )
+
+
 class RestClient:
     """The few MLflow REST calls steplog makes, with error classification (shared by the sink and sync).
 
@@ -196,42 +240,7 @@ class RestClient:
         return self._check(response, method, endpoint, json_answer)
 
     def _check(self, response: httpx.Response, method: str, endpoint: str, json_answer: bool) -> dict[str, Any]:
-        """The one status parser: a checked answer, or the error it means."""
-        status = response.status_code
-        data = _json_object(response)
-        if 200 <= status < 300:
-            if data is not None:
-                return data
-            if not json_answer and (not response.content or "html" not in response.headers.get("Content-Type", "")):
-                return {}
-            raise NotMlflowError(
-                f"{self.display_uri} answered {method} {endpoint} with {_describe(response)}, not MLflow's JSON: "
-                "is the URL an MLflow tracking server (and not a login page or proxy)?",
-                status=status,
-            )
-        code = data.get("error_code") if data is not None else None
-        message = f"{code}: {str(data.get('message', ''))[:1000]}" if data and code else _describe(response)
-        if status in _TRANSIENT_STATUS and (code is not None or status != 500):
-            # a bare 500 page is how MLflow answers a malformed request: retrying cannot help
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise TransientError(f"{endpoint}: {message}", retry_after=retry_after)
-        if status in (401, 403):
-            raise AuthError(
-                f"authentication failed ({status}) at {self.display_uri} for {method} {endpoint}: {_AUTH_HINT} "
-                f"(the server said {message})",
-                status=status,
-                error_code=code,
-            )
-        if code is None:
-            raise NotMlflowError(
-                f"{self.display_uri} is not answering as an MLflow tracking server: {method} {endpoint} got {message}",
-                status=status,
-            )
-        raise ServerError(
-            f"the MLflow server at {self.display_uri} refused {method} {endpoint}: {message}",
-            status=status,
-            error_code=code,
-        )
+        return check_answer(response, self.display_uri, method, endpoint, json_answer=json_answer)
 
     async def retrying(self, fn: Callable[[], Awaitable[T]], *, deadline: float, what: str) -> T:
         """``await fn()`` retried on transient failures until ``deadline`` (anyio clock); then a StepLogError."""
@@ -415,3 +424,52 @@ def artifact_files(source: Path, artifact_path: str) -> list[tuple[Path, str]]:
     return [
         (p, f"{artifact_path}/{p.relative_to(source).as_posix()}") for p in sorted(source.rglob("*")) if p.is_file()
     ]
+
+
+def replay_sync(
+    uri: str,
+    ops: Iterable[tuple[int, dict[str, Any]]],
+    ack: Callable[[int, int], None],
+    *,
+    run_id: str,
+    budget: float,
+    transport: httpx.BaseTransport | None = None,
+    env: Mapping[str, str] | None = None,
+) -> bool:
+    """Send journal operations with a blocking client until ``budget`` seconds are spent (the emergency path).
+
+    ``ack(offset, points)`` records each acknowledged operation. The deadline covers each
+    whole request: the answer is read in chunks and the request abandoned once time is up,
+    so a server that trickles cannot hold the caller. Stops at the first failure, and at an
+    artifact (left to ``steplog sync``); True when every operation was acknowledged.
+    """
+    deadline = time.monotonic() + budget
+    bare = split_credentials(uri.rstrip("/"))[0]
+    try:
+        with httpx.Client(base_url=bare, transport=transport, **client_options(env, uri)) as client:
+            for offset, op in ops:
+                if op["op"] == "batch":
+                    path, body = f"{API}/runs/log-batch", op["body"]
+                elif op["op"] == "end":
+                    path = f"{API}/runs/update"
+                    body = {"run_id": run_id, "status": op["status"], "end_time": op["end_time"]}
+                else:
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                with client.stream(
+                    "POST", path, content=orjson.dumps(body), headers={"Content-Type": "application/json"},
+                    timeout=httpx.Timeout(left),
+                ) as response:  # fmt: skip
+                    chunks = []
+                    for chunk in response.iter_bytes():
+                        chunks.append(chunk)
+                        if time.monotonic() > deadline:
+                            return False
+                    answer = httpx.Response(response.status_code, headers=response.headers, content=b"".join(chunks))
+                check_answer(answer, bare, "POST", path)
+                ack(offset, int(op.get("points", 0)))
+    except (httpx.HTTPError, StepLogError, TransientError, OSError):
+        return False
+    return True
