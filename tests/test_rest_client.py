@@ -157,9 +157,10 @@ async def test_url_credentials_are_sent_percent_decoded() -> None:
         return httpx.Response(200, json={})
 
     client = RestClient("http://us%3Aer:p%40ss@mlflow.test:5000", transport=httpx.MockTransport(handler), env={})
-    await client.request("GET", "/x")
+    response = await client.request("GET", "/x")
     await client.aclose()
     assert [httpx.BasicAuth("us:er", "p@ss")._auth_header] == seen
+    assert (200, "http://mlflow.test:5000/x") == (response.status_code, str(response.url))
 
 
 class _Trickle(httpx.AsyncByteStream):

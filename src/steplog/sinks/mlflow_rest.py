@@ -67,6 +67,7 @@ from ._rest.client import artifact_files as artifact_files
 from ._rest.encode import MAX_BODY_BYTES as MAX_BODY_BYTES
 from ._rest.encode import encode_log_batches as encode_log_batches
 from ._rest.encode import encode_parts
+from ._rest.options import client_options as client_options
 from ._rest.options import redact as redact
 from ._rest.outage import Backlog, OutageState
 from ._rest.retry import RetryPolicy as RetryPolicy

@@ -206,8 +206,19 @@ class RestClient:
 
     async def request(
         self, method: str, path: str, *, json_answer: bool = True, timeout: float | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """One try of a request within a total deadline; the response, once checked to be MLflow's answer."""
+        return (await self._exchange(method, path, json_answer, timeout, kwargs))[0]
+
+    async def fetch(
+        self, method: str, path: str, *, json_answer: bool = True, timeout: float | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         """One try of a request within a total deadline; the answer's JSON object (``{}`` when not expected)."""
+        return (await self._exchange(method, path, json_answer, timeout, kwargs))[1]
+
+    async def _exchange(
+        self, method: str, path: str, json_answer: bool, timeout: float | None, kwargs: dict[str, Any]
+    ) -> tuple[httpx.Response, dict[str, Any]]:
         endpoint = path.split("?")[0]
         total = self.timeout if timeout is None else timeout
         try:
@@ -237,10 +248,7 @@ class RestClient:
             raise TransientError(f"cannot connect to {self.display_uri}: connect timeout", maybe_applied=False) from exc
         except httpx.TransportError as exc:
             raise TransientError(f"{endpoint} to {self.display_uri} failed: {exc or type(exc).__name__}") from exc
-        return self._check(response, method, endpoint, json_answer)
-
-    def _check(self, response: httpx.Response, method: str, endpoint: str, json_answer: bool) -> dict[str, Any]:
-        return check_answer(response, self.display_uri, method, endpoint, json_answer=json_answer)
+        return response, check_answer(response, self.display_uri, method, endpoint, json_answer=json_answer)
 
     async def retrying(self, fn: Callable[[], Awaitable[T]], *, deadline: float, what: str) -> T:
         """``await fn()`` retried on transient failures until ``deadline`` (anyio clock); then a StepLogError."""
@@ -248,7 +256,7 @@ class RestClient:
 
     async def call(self, method: str, path: str, *, deadline: float, what: str, **kwargs: Any) -> dict[str, Any]:
         """A request retried on transient failures until ``deadline`` (anyio clock); then a StepLogError."""
-        return await self.retrying(lambda: self.request(method, path, **kwargs), deadline=deadline, what=what)
+        return await self.retrying(lambda: self.fetch(method, path, **kwargs), deadline=deadline, what=what)
 
     # ------------------------------------------------------------------ endpoints
 
@@ -321,7 +329,7 @@ class RestClient:
                 found = await self.find_run(experiment_id, run_key)
                 if found is not None:
                     return found
-            answer = await self.request("POST", f"{API}/runs/create", json=body)
+            answer = await self.fetch("POST", f"{API}/runs/create", json=body)
             return self._run_info(answer, "runs/create")
 
         return await retrying(
@@ -331,7 +339,7 @@ class RestClient:
 
     async def find_run(self, experiment_id: str, run_key: str) -> dict[str, Any] | None:
         """The info of the run tagged with ``run_key`` in the experiment, or None (one try)."""
-        answer = await self.request(
+        answer = await self.fetch(
             "POST",
             f"{API}/runs/search",
             json={
@@ -349,7 +357,7 @@ class RestClient:
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
         """A run's info, or None if the server has no such run (one try)."""
         try:
-            answer = await self.request("GET", f"{API}/runs/get", params={"run_id": run_id})
+            answer = await self.fetch("GET", f"{API}/runs/get", params={"run_id": run_id})
         except ServerError as exc:
             if exc.status == 404 and exc.error_code is not None:
                 return None
