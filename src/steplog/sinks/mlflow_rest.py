@@ -75,6 +75,9 @@ from ._rest.retry import TransientError
 
 __all__ = ["MlflowRestSink", "OutageState", "RetryPolicy"]
 
+# defined in private modules, documented here: they print as this module's names
+OutageState.__module__ = RetryPolicy.__module__ = __name__
+
 log = logging.getLogger("steplog")
 
 _RECOVERABLE = (AuthError, NotMlflowError)
