@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from steplog import Store
 from steplog._cli.fsck import check_store as fsck_store
 from steplog._layout import encode_metric_lines
-from steplog.sinks.mlruns import align_lines
+from steplog.sinks.mlruns import _align_lines as align_lines
 
 ZYGOTE = Path(__file__).parent / "_children" / "zygote.py"
 KILLS = 24

@@ -16,6 +16,11 @@ Lines are ``{"op": "run", ...header}`` (first line), ``{"op": "batch", "body": <
 runs/log-batch request body>, "points": n}``, ``{"op": "artifact", "path": "a/b.txt"}``
 and ``{"op": "end", "status": "FINISHED", "end_time": ms}``.
 
+Everything read back (the header's run id, each line, an artifact's path, the
+acknowledged offset) is checked before it is used, and :meth:`Journal.remove`
+deletes only a run-id-named folder directly inside the journal base: a journal
+edited by hand or by an attacker cannot make steplog write or delete elsewhere.
+
 The line discipline is the local store's (MLFLOW_FORMAT.md §1.13): every append
 is one ``write()`` of whole lines on an ``O_APPEND`` descriptor, fsynced, cut back
 on failure; a torn tail left by a crash is cut back to the last newline when
@@ -38,7 +43,7 @@ import orjson
 from ._errors import StepLogError, WriteError
 from ._layout import write_atomic
 from ._records import ArtifactRecord
-from .sinks.mlruns import cut_torn_tail
+from ._runmeta import check_run_id, cut_torn_tail
 
 __all__ = ["JOURNAL_FILE", "Journal", "is_journal", "journal_folders"]
 
@@ -69,6 +74,7 @@ class Journal:
         self.folder = folder
         self.header = header
         self._fd = fd
+        self._base = folder.parent
 
     @property
     def path(self) -> Path:
@@ -80,7 +86,8 @@ class Journal:
     @classmethod
     def create(cls, base: Path, header: dict[str, Any]) -> Journal:
         """Open the journal of ``header["run_id"]`` under ``base`` for appending (created if missing)."""
-        folder = base / str(header["run_id"])
+        run_id = check_run_id(header.get("run_id"), "the journal header")
+        folder = base / run_id
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(folder / JOURNAL_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -120,6 +127,7 @@ class Journal:
             header = None
         if not isinstance(header, dict) or header.get("op") != "run" or "run_id" not in header:
             raise StepLogError(f"{self.path} is not a steplog journal: its first line is not a run header")
+        check_run_id(header["run_id"], f"the journal {self.path}")
         return header
 
     def close(self) -> None:
@@ -157,7 +165,7 @@ class Journal:
 
     def artifact_line(self, record: ArtifactRecord) -> bytes:
         """Copy an artifact into the journal now and return its line (the copy exists before the line)."""
-        dest = self.folder / _ARTIFACTS / record.artifact_path
+        dest = self.artifact_file(record.artifact_path)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             if record.data is not None:
@@ -179,9 +187,14 @@ class Journal:
     def acked(self) -> int:
         """Byte offset of the first line not acknowledged by the server."""
         try:
-            return int((self.folder / _ACKED).read_text(encoding="ascii").strip() or 0)
+            text = (self.folder / _ACKED).read_text(encoding="ascii").strip()
         except (OSError, ValueError):
             return 0
+        if not text:
+            return 0
+        if not (text.isascii() and text.isdigit()) or int(text) > self.size():
+            raise StepLogError(f"{self.folder / _ACKED} holds {text[:40]!r}, not an offset inside {self.path}")
+        return int(text)
 
     def ack(self, offset: int) -> None:
         """Record that everything before ``offset`` is acknowledged (atomic replace)."""
@@ -199,8 +212,8 @@ class Journal:
                 if not raw.endswith(b"\n"):
                     break  # a torn tail (another process crashed mid-append): not a record
                 offset += len(raw)
-                record = orjson.loads(raw)
-                if record.get("op") == "run":
+                record = _operation(raw, self.path, offset)
+                if record["op"] == "run":
                     continue
                 yield offset, record
 
@@ -213,13 +226,24 @@ class Journal:
         return any(True for _ in self.pending())
 
     def artifact_file(self, path: str) -> Path:
-        """Where the journal keeps the copy of artifact ``path``."""
-        return self.folder / _ARTIFACTS / path
+        """Where the journal keeps the copy of artifact ``path`` (a relative path without ``..``, checked)."""
+        return self.folder / _ARTIFACTS / _artifact_path(path, self.path)
 
     def remove(self) -> None:
-        """Delete the journal folder (everything in it is acknowledged)."""
+        """Delete the journal folder (everything in it is acknowledged).
+
+        Only a real folder named like a run id, directly inside the journal base, is deleted.
+        """
         self.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        folder = self.folder
+        try:
+            check_run_id(folder.name, f"the journal folder {folder}")
+            inside = folder.resolve(strict=True).parent == self._base.resolve(strict=True)
+        except (StepLogError, OSError):
+            inside = False
+        if not inside or folder.is_symlink() or not is_journal(folder):
+            raise StepLogError(f"refusing to delete {folder}: it is not a journal folder inside {self._base}")
+        shutil.rmtree(folder, ignore_errors=True)
         try:
             self.folder.parent.rmdir()  # the journal base, when this was its last run
         except OSError:
@@ -228,3 +252,42 @@ class Journal:
 
 def _line(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj) + b"\n"
+
+
+_OPS = frozenset({"run", "batch", "artifact", "end"})
+
+
+def _operation(raw: bytes, path: Path, offset: int) -> dict[str, Any]:
+    """One journal line, checked: a known operation with the fields its replay uses."""
+    try:
+        op = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        op = None
+    ok = isinstance(op, dict) and op.get("op") in _OPS
+    if ok and op["op"] == "batch":
+        points = op.get("points", 0)
+        ok = isinstance(op.get("body"), dict) and isinstance(points, int) and points >= 0
+    elif ok and op["op"] == "artifact":
+        ok = isinstance(op.get("path"), str)
+    elif ok and op["op"] == "end":
+        ok = isinstance(op.get("status"), str) and isinstance(op.get("end_time"), int)
+    if not ok:
+        raise StepLogError(f"{path} is damaged: the line ending at byte {offset} is not a journal operation")
+    assert isinstance(op, dict)
+    if op["op"] == "artifact":
+        _artifact_path(op["path"], path)
+    return op
+
+
+def _artifact_path(value: str, journal: Path) -> str:
+    """``value`` if it is a relative artifact path that stays inside the journal's artifacts folder."""
+    parts = value.split("/")
+    if (
+        not value
+        or value.startswith("/")
+        or "\\" in value
+        or "\x00" in value
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise StepLogError(f"{journal}: artifact path {value[:80]!r} is not a relative path inside the journal")
+    return value

@@ -618,7 +618,7 @@ def start_run(
     for key, value in _mlflow_text(tags or {}).items():
         clean_tags[check_key(key, "tag")] = check_tag_value(key, value)
     destinations = make_sinks(tracking_uri, sinks, opts)
-    from .sinks.mlruns import default_user
+    from ._runmeta import default_user
 
     request = RunRequest(
         experiment_name=experiment,

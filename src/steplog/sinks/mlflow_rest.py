@@ -5,51 +5,51 @@ What the server is sent, and how (MLFLOW_FORMAT.md §3):
 * Start: the experiment is fetched by name or created (a creation race is
   resolved by fetching again); the run is created with a client-generated
   ``steplog.run_key`` tag, so a ``runs/create`` whose answer was lost is found by a
-  search instead of being created twice. A server that cannot be reached within
-  ``start_timeout`` seconds is a :class:`~steplog.StepLogError` at start.
-* Data: each batch becomes ``runs/log-batch`` requests within every server limit
-  (1000 metrics, 100 params, 100 tags, 1000 entities, 1 MB body; params and tags
-  deduplicated per request), sent one at a time so order holds. NaN and
-  infinities are sent as ``"NaN"``/``"Infinity"``/``"-Infinity"``; timestamps and
-  steps are int64 integers (a bare NaN token or a float timestamp makes the server
-  silently drop the rest of the request, §3.5).
+  search instead of being created twice. Every identifier the server answers (run
+  id, experiment id, artifact URI) is checked before it is used. A server that
+  cannot be reached within ``start_timeout`` seconds, or whose answers are not
+  MLflow's, is a :class:`~steplog.StepLogError` at start.
+* Data: batches become ``runs/log-batch`` requests within every server limit
+  (1000 metrics, 100 params, 100 tags, 1000 entities, 1 MB body; a key once per
+  request), cut as full as fits from the front of the backlog and sent one at a
+  time so order holds. Each request has a total deadline (``request_timeout``),
+  however slowly the server trickles its answer.
 * Artifacts: ``PUT`` through the server's ``mlflow-artifacts`` proxy.
 * End: ``runs/update`` with status and end time.
-* Errors: connection errors and HTTP 408, 429 (``Retry-After`` honoured), 500,
-  502, 503 and 504 are transient; anything else is permanent and becomes a
-  :class:`~steplog.ServerError` naming the server's ``error_code`` and message.
+* Errors: connection errors, the deadline and HTTP 408, 429 (``Retry-After``
+  honoured), 500 (MLflow's JSON error), 502, 503 and 504 are transient. A 401/403
+  (an expired token) or an answer that is not MLflow's keeps the data in the journal
+  for ``steplog sync`` and says what to fix. TLS failures are permanent and say
+  which. Any other refusal becomes a :class:`~steplog.ServerError` naming the
+  server's ``error_code`` and message.
 * Outage: the sink takes each batch into its own backlog and returns at once, so
   the writer keeps draining and the training loop never waits. The backlog is
   sent in order when the server answers again (capped exponential backoff with
-  jitter between tries); past ``max_buffer`` points it is spilled to the on-disk
-  journal (:mod:`steplog._journal`). Timestamps are fixed when a point is logged,
-  so a request sent twice stores each point once (the server keeps one copy of an
-  identical point). ``close`` is bounded: what the server has not acknowledged by
-  then stays in the journal, and the error names the ``steplog sync`` command that
-  finishes the upload.
+  jitter between tries), in full requests back to back; past ``max_buffer`` points
+  it is spilled to the on-disk journal (:mod:`steplog._journal`). Timestamps are
+  fixed when a point is logged, so a request sent twice stores each point once.
+  :meth:`MlflowRestSink.outage_state` describes an outage while it lasts.
+* Close: a backlog is journaled first, then sent with the time left, so a process
+  killed soon after SIGTERM still has every point on disk. What the server has not
+  acknowledged stays in the journal, and the error names the ``steplog sync``
+  command that finishes the upload.
 
 Auth and TLS come from MLflow's environment variables: ``MLFLOW_TRACKING_TOKEN``
-(bearer), ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (basic),
-``MLFLOW_TRACKING_INSECURE_TLS``, ``MLFLOW_TRACKING_SERVER_CERT_PATH`` and
-``MLFLOW_TRACKING_CLIENT_CERT_PATH``. Secrets never appear in messages.
+(bearer), ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (basic; else the
+URL's percent-decoded ``user:password``), ``MLFLOW_TRACKING_INSECURE_TLS``,
+``MLFLOW_TRACKING_SERVER_CERT_PATH`` and ``MLFLOW_TRACKING_CLIENT_CERT_PATH``.
+Secrets never appear in messages.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import email.utils
-import functools
 import logging
 import math
 import os
-import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any
 
 import anyio
 import httpx
@@ -57,488 +57,45 @@ import orjson
 
 from .._errors import ServerError, StepLogError, WriteError
 from .._journal import Journal
-from .._layout import encode_values
 from .._records import ArtifactRecord, RunInfo, RunStatus
+from .._runmeta import check_run_id, system_tags
 from ..typing import Batch, RunRequest
-from .mlruns import source_name
+from ._rest.client import RUN_KEY_TAG as RUN_KEY_TAG
+from ._rest.client import AuthError, NotMlflowError, replay_sync
+from ._rest.client import RestClient as RestClient
+from ._rest.client import artifact_files as artifact_files
+from ._rest.encode import MAX_BODY_BYTES as MAX_BODY_BYTES
+from ._rest.encode import encode_log_batches as encode_log_batches
+from ._rest.encode import encode_parts
+from ._rest.options import client_options as client_options
+from ._rest.options import redact as redact
+from ._rest.outage import Backlog, OutageState
+from ._rest.retry import RetryPolicy as RetryPolicy
+from ._rest.retry import TransientError
 
-__all__ = [
-    "MAX_BODY_BYTES",
-    "MAX_ENTITIES_PER_BATCH",
-    "MAX_METRICS_PER_BATCH",
-    "MAX_PARAMS_PER_BATCH",
-    "MAX_TAGS_PER_BATCH",
-    "MlflowRestSink",
-    "RestClient",
-    "RetryPolicy",
-    "encode_log_batches",
-]
+__all__ = ["MlflowRestSink", "OutageState", "RetryPolicy"]
+
+# defined in private modules, documented here: they print as this module's names
+OutageState.__module__ = RetryPolicy.__module__ = __name__
 
 log = logging.getLogger("steplog")
-T = TypeVar("T")
 
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_PER_BATCH = 100
-MAX_TAGS_PER_BATCH = 100
-MAX_ENTITIES_PER_BATCH = 1000
-MAX_BODY_BYTES = 1_000_000
-RUN_KEY_TAG = "steplog.run_key"
-"""Tag set at creation: lets a retried ``runs/create`` (and ``steplog sync``) find the run instead of doubling it."""
-
-_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_API = "/api/2.0/mlflow"
-_ARTIFACTS_API = "/api/2.0/mlflow-artifacts/artifacts"
-_SPECIAL = {b"nan": b'"NaN"', b"inf": b'"Infinity"', b"-inf": b'"-Infinity"'}
-_METRIC = b'{"key":%b,"value":%b,"timestamp":%d,"step":%d}'
-_INT64 = (-(2**63), 2**63 - 1)
-
-
-# ---------------------------------------------------------------------------- retry policy
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter between tries of a transient failure.
-
-    The n-th wait (n from 0) is drawn uniformly from ``[d/2, d]`` with
-    ``d = min(cap, base * 2**n)``; a server's ``Retry-After`` replaces it (at most
-    ``max_retry_after`` seconds).
-    """
-
-    base: float = 0.25
-    cap: float = 10.0
-    max_retry_after: float = 60.0
-
-    def delay(self, attempt: int, retry_after: float | None = None, rand: Callable[[], float] = random.random) -> float:
-        """Seconds to wait before try ``attempt + 1``."""
-        if retry_after is not None:
-            return max(0.0, min(retry_after, self.max_retry_after))
-        d = min(self.cap, self.base * float(2 ** min(attempt, 62)))
-        return d / 2 + rand() * d / 2
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-class TransientError(Exception):
-    """A request that may succeed if tried again (connection error, 408/429/5xx)."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None, maybe_applied: bool = True) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.maybe_applied = maybe_applied
-        """False when the request cannot have reached the server (the connection was refused)."""
-
-
-# ---------------------------------------------------------------------------- encoding
-
-
-def _encode_metrics(metrics: Iterable[tuple[str, list[Any]]]) -> list[bytes]:
-    """One JSON object per point, in order: special floats as strings, int64 timestamps and steps."""
-    out: list[bytes] = []
-    lo, hi = _INT64
-    for key, items in metrics:
-        if not items:
-            continue
-        k = orjson.dumps(key)
-        stamps = items[0::3]
-        steps = items[2::3]
-        texts = encode_values([float(v) for v in items[1::3]])
-        for i, text in enumerate(texts):
-            if text in _SPECIAL:
-                texts[i] = _SPECIAL[text]
-        for ts, text, step in zip(stamps, texts, steps, strict=True):
-            ts = int(ts)
-            step = int(step)
-            if not (lo <= ts <= hi and lo <= step <= hi):
-                raise StepLogError(f"metric {key!r}: timestamp {ts} or step {step} is outside int64")
-            out.append(_METRIC % (k, text, ts, step))
-    return out
-
-
-def _encode_pairs(pairs: Iterable[tuple[str, str]]) -> list[bytes]:
-    """``{"key":..,"value":..}`` objects, one per key (the last value of a key wins, first position kept)."""
-    last = dict(pairs)
-    return [orjson.dumps({"key": k, "value": v}) for k, v in last.items()]
-
-
-def encode_log_batches(
-    run_id: str,
-    metrics: Iterable[tuple[str, list[Any]]],
-    params: Iterable[tuple[str, str]] = (),
-    tags: Iterable[tuple[str, str]] = (),
-    *,
-    max_bytes: int = MAX_BODY_BYTES,
-) -> list[tuple[bytes, int]]:
-    """Split a batch into ``runs/log-batch`` request bodies within every server limit.
-
-    Returns ``(body, metric points)`` per request, in order: params and tags first, then
-    metrics in logged order per key. Each body holds at most 1000 metrics, 100 params,
-    100 tags, 1000 entities and ``max_bytes`` bytes; a key appears once per request
-    among params (and among tags).
-    """
-    head = b'{"run_id":%b' % orjson.dumps(run_id)
-    fixed = len(head) + len(b',"metrics":[],"params":[],"tags":[]}')
-    chunks: list[tuple[bytes, int]] = []
-    cur: dict[str, list[bytes]] = {"metrics": [], "params": [], "tags": []}
-    size = fixed
-    limits = {"metrics": MAX_METRICS_PER_BATCH, "params": MAX_PARAMS_PER_BATCH, "tags": MAX_TAGS_PER_BATCH}
-
-    def emit() -> None:
-        nonlocal cur, size
-        if any(cur.values()):
-            body = (
-                head
-                + b',"metrics":['
-                + b",".join(cur["metrics"])
-                + b'],"params":['
-                + b",".join(cur["params"])
-                + b'],"tags":['
-                + b",".join(cur["tags"])
-                + b"]}"
-            )
-            chunks.append((body, len(cur["metrics"])))
-        cur = {"metrics": [], "params": [], "tags": []}
-        size = fixed
-
-    # params and tags were deduplicated over the whole batch, so each key is once per request too
-    entities = [("params", p) for p in _encode_pairs(params)]
-    entities += [("tags", t) for t in _encode_pairs(tags)]
-    entities += [("metrics", m) for m in _encode_metrics(metrics)]
-    for kind, data in entities:
-        extra = len(data) + 1
-        if fixed + extra > max_bytes:
-            raise StepLogError(f"one {kind[:-1]} is {len(data)} bytes: more than a request may carry ({max_bytes})")
-        n = len(cur["metrics"]) + len(cur["params"]) + len(cur["tags"])
-        if len(cur[kind]) >= limits[kind] or n >= MAX_ENTITIES_PER_BATCH or size + extra > max_bytes:
-            emit()
-        cur[kind].append(data)
-        size += extra
-    emit()
-    return chunks
-
-
-# ---------------------------------------------------------------------------- settings from the environment
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def redact(url: str) -> str:
-    """The URL without user:password (safe to print)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]  # keeps an IPv6 literal's brackets and the port as written
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def client_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """httpx client options (auth, TLS) from MLflow's environment variables."""
-    env = os.environ if env is None else env
-    options: dict[str, Any] = {"headers": {"User-Agent": "steplog"}}
-    token = env.get("MLFLOW_TRACKING_TOKEN")
-    user = env.get("MLFLOW_TRACKING_USERNAME")
-    password = env.get("MLFLOW_TRACKING_PASSWORD")
-    if token:
-        options["headers"]["Authorization"] = f"Bearer {token}"
-    elif user and password is not None:
-        options["auth"] = httpx.BasicAuth(user, password)
-    if _truthy(env.get("MLFLOW_TRACKING_INSECURE_TLS")):
-        if env.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
-            raise StepLogError(
-                "MLFLOW_TRACKING_INSECURE_TLS and MLFLOW_TRACKING_SERVER_CERT_PATH are both set: unset one of them"
-            )
-        options["verify"] = False
-    elif env.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
-        import ssl
-
-        options["verify"] = ssl.create_default_context(cafile=env["MLFLOW_TRACKING_SERVER_CERT_PATH"])
-    if env.get("MLFLOW_TRACKING_CLIENT_CERT_PATH"):
-        options["cert"] = env["MLFLOW_TRACKING_CLIENT_CERT_PATH"]
-    return options
-
-
-# ---------------------------------------------------------------------------- the REST client
-
-
-class RestClient:
-    """The few MLflow REST calls steplog makes, with error classification (shared by the sink and sync).
-
-    Every call makes one try and raises :class:`TransientError` or
-    :class:`~steplog.ServerError`; :meth:`call` retries transient failures until a deadline.
-    """
-
-    def __init__(
-        self,
-        uri: str,
-        *,
-        timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        env: Mapping[str, str] | None = None,
-    ) -> None:
-        self.uri = uri.rstrip("/")
-        self.display_uri = redact(self.uri)
-        self.retry = retry or RetryPolicy()
-        options = client_options(env)
-        parts = urlsplit(self.uri)
-        if parts.username is not None and "auth" not in options and "Authorization" not in options["headers"]:
-            options["auth"] = httpx.BasicAuth(parts.username, parts.password or "")
-        self._base = self.display_uri
-        self._client = httpx.AsyncClient(
-            base_url=self._base,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=transport,
-            **options,
-        )
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    # ------------------------------------------------------------------ one try
-
-    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One try of a request; returns a 2xx response or raises TransientError / ServerError."""
-        endpoint = path.split("?")[0]
-        try:
-            response = await self._client.request(method, path, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise TransientError(
-                f"cannot connect to {self.display_uri}: {exc or type(exc).__name__}", maybe_applied=False
-            ) from exc
-        except httpx.TransportError as exc:
-            raise TransientError(f"{endpoint} to {self.display_uri} failed: {exc or type(exc).__name__}") from exc
-        status = response.status_code
-        if status < 300:
-            return response
-        code, message = _error_of(response)
-        if status in _TRANSIENT_STATUS:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise TransientError(f"{endpoint}: HTTP {status} {code or ''} {message}".rstrip(), retry_after=retry_after)
-        raise ServerError(
-            f"the MLflow server at {self.display_uri} refused {method} {endpoint}: {code or f'HTTP {status}'}: "
-            f"{message}",
-            status=status,
-            error_code=code,
-        )
-
-    async def call(self, method: str, path: str, *, deadline: float, what: str, **kwargs: Any) -> httpx.Response:
-        """A request retried on transient failures until ``deadline`` (anyio clock); then a StepLogError."""
-        return await self.retrying(
-            functools.partial(self.request, method, path, **kwargs), deadline=deadline, what=what
-        )
-
-    async def retrying(self, fn: Callable[[], Awaitable[T]], *, deadline: float, what: str) -> T:
-        """``await fn()`` retried on transient failures until ``deadline`` (anyio clock); then a StepLogError."""
-        attempt = 0
-        while True:
-            try:
-                return await fn()
-            except TransientError as exc:
-                wait = self.retry.delay(attempt, exc.retry_after)
-                attempt += 1
-                if anyio.current_time() + wait > deadline:
-                    raise StepLogError(
-                        f"{what}: the MLflow tracking server at {self.display_uri} did not answer in time "
-                        f"({attempt} tries): {exc}. Check that the server is running and the URL is right"
-                    ) from exc
-                await anyio.sleep(wait)
-
-    # ------------------------------------------------------------------ endpoints
-
-    async def experiment_id(self, name: str, *, deadline: float) -> str:
-        """Get or create the experiment ``name`` (safe against a concurrent create)."""
-        for _ in range(3):
-            found = await self._experiment_by_name(name, deadline=deadline)
-            if found is not None:
-                return found
-            try:
-                response = await self.call(
-                    "POST", f"{_API}/experiments/create", json={"name": name}, deadline=deadline,
-                    what=f"creating experiment {name!r}",
-                )  # fmt: skip
-            except ServerError as exc:
-                if exc.error_code == "RESOURCE_ALREADY_EXISTS":
-                    continue  # someone created it meanwhile (or a retried create succeeded): fetch it
-                raise
-            return str(response.json()["experiment_id"])
-        raise StepLogError(f"could neither find nor create experiment {name!r} on {self.display_uri}")
-
-    async def _experiment_by_name(self, name: str, *, deadline: float) -> str | None:
-        try:
-            response = await self.call(
-                "GET", f"{_API}/experiments/get-by-name", params={"experiment_name": name}, deadline=deadline,
-                what=f"looking up experiment {name!r}",
-            )  # fmt: skip
-        except ServerError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        experiment = response.json()["experiment"]
-        if experiment.get("lifecycle_stage") == "deleted":
-            raise StepLogError(
-                f"experiment {name!r} is deleted on {self.display_uri} (id {experiment['experiment_id']}): "
-                "restore it (mlflow experiments restore) or log to another experiment name"
-            )
-        return str(experiment["experiment_id"])
-
-    async def create_run(
-        self,
-        experiment_id: str,
-        *,
-        run_name: str,
-        user_id: str,
-        start_time: int,
-        tags: Mapping[str, str],
-        run_key: str,
-        deadline: float,
-    ) -> dict[str, Any]:
-        """Create a run, safe to retry: after a failure that may have created it, search by its run key first."""
-        body = {
-            "experiment_id": experiment_id,
-            "user_id": user_id,
-            "run_name": run_name,
-            "start_time": int(start_time),
-            "tags": [{"key": k, "value": v} for k, v in {**tags, RUN_KEY_TAG: run_key}.items()],
-        }
-        attempt = 0
-        maybe_created = False
-        while True:
-            try:
-                if maybe_created:
-                    found = await self.find_run(experiment_id, run_key)
-                    if found is not None:
-                        return found
-                response = await self.request("POST", f"{_API}/runs/create", json=body)
-                info: dict[str, Any] = response.json()["run"]["info"]
-                return info
-            except TransientError as exc:
-                maybe_created = maybe_created or exc.maybe_applied
-                wait = self.retry.delay(attempt, exc.retry_after)
-                attempt += 1
-                if anyio.current_time() + wait > deadline:
-                    raise StepLogError(
-                        f"creating the run: the MLflow tracking server at {self.display_uri} did not answer in "
-                        f"time ({attempt} tries): {exc}. Check that the server is running and the URL is right"
-                    ) from exc
-                await anyio.sleep(wait)
-
-    async def find_run(self, experiment_id: str, run_key: str) -> dict[str, Any] | None:
-        """The info of the run tagged with ``run_key`` in the experiment, or None (one try)."""
-        response = await self.request(
-            "POST",
-            f"{_API}/runs/search",
-            json={
-                "experiment_ids": [experiment_id],
-                "filter": f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                "run_view_type": "ALL",
-                "max_results": 1,
-            },
-        )
-        runs = response.json().get("runs") or []
-        return dict(runs[0]["info"]) if runs else None
-
-    async def get_run(self, run_id: str) -> dict[str, Any] | None:
-        """A run's info, or None if the server has no such run (one try)."""
-        try:
-            response = await self.request("GET", f"{_API}/runs/get", params={"run_id": run_id})
-        except ServerError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        info: dict[str, Any] = response.json()["run"]["info"]
-        return info
-
-    async def log_batch(self, body: bytes) -> None:
-        """One ``runs/log-batch`` request with a body made by :func:`encode_log_batches` (one try)."""
-        await self.request("POST", f"{_API}/runs/log-batch", content=body, headers={"Content-Type": "application/json"})
-
-    async def update_run(self, run_id: str, status: str, end_time: int) -> None:
-        """End a run: ``runs/update`` with status and end time (one try)."""
-        await self.request(
-            "POST", f"{_API}/runs/update", json={"run_id": run_id, "status": status, "end_time": int(end_time)}
-        )
-
-    async def upload_artifact(self, artifact_uri: str, path: str, data: bytes) -> None:
-        """PUT one file through the server's ``mlflow-artifacts`` proxy (one try)."""
-        await self.request("PUT", self.artifact_url(artifact_uri, path), content=data)
-
-    def artifact_url(self, artifact_uri: str, path: str) -> str:
-        """The proxy URL of ``path`` inside a run whose artifact URI is ``artifact_uri``."""
-        parts = urlsplit(artifact_uri)
-        if parts.scheme != "mlflow-artifacts":
-            raise StepLogError(
-                f"the run's artifact location {artifact_uri!r} is not served by the tracking server: start "
-                "the server with --serve-artifacts (the default) so steplog can upload artifacts through it"
-            )
-        rel = "/".join(s for s in f"{parts.path}/{path}".split("/") if s)
-        url = f"{_ARTIFACTS_API}/{quote(rel)}"
-        if parts.netloc:  # mlflow-artifacts://host:port/... names another server
-            base = urlsplit(self.uri)
-            return urlunsplit((base.scheme, parts.netloc, url, "", ""))
-        return url
-
-
-def artifact_files(source: Path, artifact_path: str) -> list[tuple[Path, str]]:
-    """``(local file, artifact path)`` for a file, or for every file below a directory, in sorted order."""
-    if not source.is_dir():
-        return [(source, artifact_path)]
-    return [
-        (p, f"{artifact_path}/{p.relative_to(source).as_posix()}") for p in sorted(source.rglob("*")) if p.is_file()
-    ]
-
-
-def _error_of(response: httpx.Response) -> tuple[str | None, str]:
-    """The server's ``error_code`` and message (lenient: HTML and text bodies too)."""
-    try:
-        data = response.json()
-    except ValueError:
-        text = response.text.strip().replace("\n", " ")
-        return None, text[:300] or response.reason_phrase
-    if isinstance(data, dict):
-        return data.get("error_code"), str(data.get("message", ""))[:1000]
-    return None, str(data)[:300]
-
-
-# ---------------------------------------------------------------------------- the sink
-
-
-@dataclasses.dataclass(slots=True)
-class _Item:
-    """One request waiting in the backlog: a log-batch body, or an artifact."""
-
-    body: bytes | None = None
-    points: int = 0
-    artifact: ArtifactRecord | None = None
+_RECOVERABLE = (AuthError, NotMlflowError)
+"""Refusals that a fix elsewhere undoes (a new token, the right URL): the data goes to the journal, not away."""
 
 
 class MlflowRestSink:
     """Streams a run to an MLflow tracking server (see the module docstring for the contract).
 
     Args:
-        uri: ``http(s)://host:port[/prefix]`` of the tracking server.
+        uri: ``http(s)://[user:password@]host:port[/prefix]`` of the tracking server.
         max_buffer: metric points held in memory during an outage before the backlog
             is spilled to the journal.
         journal_dir: where outage journals go (default ``STEPLOG_JOURNAL_DIR`` or
             ``./steplog-journal``); nothing is written there unless an outage outlasts
             ``max_buffer`` or the run closes before the server acknowledged everything.
         start_timeout: seconds to reach the server when the run starts (then a StepLogError).
-        request_timeout: seconds for one request to be answered.
+        request_timeout: seconds one request may take in all (connect, send, answer).
         retry: the backoff between tries.
         transport: an httpx transport (tests inject ``httpx.MockTransport``).
     """
@@ -563,33 +120,58 @@ class MlflowRestSink:
         self._transport = transport
         self._client: RestClient | None = None
         self._info: RunInfo | None = None
-        self._backlog: collections.deque[_Item] = collections.deque()
-        self._backlog_points = 0
-        self._journal: Journal | None = None
+        self._backlog = Backlog(self._open_journal)
         self._attempt = 0
         self._retry_at = 0.0
         self._outage_since: float | None = None
+        self._held: ServerError | None = None
+        """A recoverable refusal (401/403, not MLflow) that holds the backlog until the server takes it."""
         self._closed = False
         self._refused: list[StepLogError] = []
         self._unreported: list[StepLogError] = []
+        self._last_error: str | None = None
+        self._retries = 0
         self.bytes_written = 0
         self.acknowledged_points = 0
-        self.spilled_points = 0
+        """Metric points the server acknowledged."""
         self.requests = 0
 
     @property
     def display_uri(self) -> str:
+        """The server's URL without credentials."""
         return redact(self.uri)
 
     @property
     def journal_path(self) -> Path | None:
         """The journal folder of this run, once one exists."""
-        return None if self._journal is None else self._journal.folder
+        journal = self._backlog.journal
+        return None if journal is None else journal.folder
 
     @property
     def backlog_points(self) -> int:
         """Metric points taken from the writer and not yet acknowledged by the server (memory and journal)."""
-        return self._backlog_points + self._journal_points()
+        return self._backlog.points
+
+    @property
+    def spilled_points(self) -> int:
+        """Metric points moved to the journal so far."""
+        return self._backlog.spilled_points
+
+    def outage_state(self) -> OutageState:
+        """How the sink stands with its server: backlog, spilled points, retries, the last error in words."""
+        since = self._outage_since
+        return OutageState(
+            backlog_points=self._backlog.points,
+            memory_points=self._backlog.memory_points,
+            journal_points=self._backlog.journal_points,
+            spilled_points=self._backlog.spilled_points,
+            acknowledged_points=self.acknowledged_points,
+            requests=self.requests,
+            retries=self._retries,
+            last_error=self._last_error,
+            outage_seconds=0.0 if since is None else time.monotonic() - since,
+            journal=self.journal_path,
+        )
 
     # ------------------------------------------------------------------ open
 
@@ -605,55 +187,29 @@ class MlflowRestSink:
                 experiment_id = request.experiment_id or await client.experiment_id(
                     request.experiment_name, deadline=deadline
                 )
-                tags = {
-                    "mlflow.user": request.user_id,
-                    "mlflow.source.name": source_name(),
-                    "mlflow.source.type": "LOCAL",
-                    **request.tags,
-                    "mlflow.runName": request.run_name,
-                }
                 info = await client.create_run(
                     experiment_id,
                     run_name=request.run_name,
                     user_id=request.user_id,
                     start_time=request.start_time,
-                    tags=tags,
+                    tags=system_tags(request.user_id, request.run_name, request.tags),
                     run_key=uuid.uuid4().hex,
                     deadline=deadline,
                 )
+            self._info = _run_info(info, request, self.display_uri)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await client.aclose()
             self._client = None
             raise
-        self._info = RunInfo(
-            run_id=str(info["run_id"]),
-            experiment_id=str(info["experiment_id"]),
-            experiment_name=request.experiment_name,
-            run_name=str(info.get("run_name") or request.run_name),
-            artifact_uri=str(info.get("artifact_uri") or ""),
-            tracking_uri=self.display_uri,
-            start_time=int(info.get("start_time") or request.start_time),
-            user_id=str(info.get("user_id") or request.user_id),
-        )
         return self._info
 
     async def _join(self, client: RestClient, request: RunRequest, deadline: float) -> dict[str, Any]:
-        assert request.run_id is not None
-        while True:
-            try:
-                info = await client.get_run(request.run_id)
-                break
-            except TransientError as exc:
-                if anyio.current_time() > deadline:
-                    raise StepLogError(
-                        f"joining run {request.run_id}: the MLflow tracking server at {self.display_uri} did not "
-                        f"answer in time: {exc}"
-                    ) from exc
-                await anyio.sleep(self._retry.delay(0, exc.retry_after))
+        run_id = check_run_id(request.run_id, "the first destination")
+        info = await client.retrying(lambda: client.get_run(run_id), deadline=deadline, what=f"joining run {run_id}")
         if info is None:
             raise StepLogError(
-                f"run {request.run_id} does not exist on {self.display_uri}: put the server first in "
+                f"run {run_id} does not exist on {self.display_uri}: put the server first in "
                 "tracking_uri, so the server creates the run and the other destinations join it"
             )
         return info
@@ -665,11 +221,12 @@ class MlflowRestSink:
 
         Returns without waiting out an outage: the backlog keeps the data (in memory up to
         ``max_buffer`` points, then in the journal) and is retried at the next write or at close.
-        Raises ServerError once for requests the server refused for good (they are not retried).
+        Raises once for requests the server refused: for good (ServerError), or until a fix
+        elsewhere (401/403, an answer that is not MLflow's: the data is in the journal).
         """
         self._take(batch)
-        if self._backlog_points > self._max_buffer:
-            # past the memory allowance: to the journal (fsynced; off the event loop's thread)
+        if self._backlog.memory_points > self._max_buffer or (self._held is not None and self._backlog.memory):
+            # past the memory allowance, or held by a refusal only a fix undoes: to the journal
             await anyio.to_thread.run_sync(self._spill)
         if anyio.current_time() >= self._retry_at:
             await self._send_backlog()
@@ -681,63 +238,70 @@ class MlflowRestSink:
         """Move the batch's unfinished entries into the backlog (the sink now answers for them)."""
         info = self._require_info()
         rest = batch.remaining()
-        items = [
-            _Item(body=body, points=points)
-            for body, points in encode_log_batches(info.run_id, rest.metrics, rest.params, rest.tags)
-        ]
-        items += [_Item(artifact=record) for record in rest.artifacts]
-        self._backlog.extend(items)
-        self._backlog_points += sum(item.points for item in items)
+        self._backlog.add(encode_parts(info.run_id, rest.metrics, rest.params, rest.tags), list(rest.artifacts))
         done = batch.done
         done.update(("metric", k) for k, _ in rest.metrics)
         done.update(("param", k) for k, _ in rest.params)
         done.update(("tag", k) for k, _ in rest.tags)
         done.update(("artifact", a.artifact_path) for a in rest.artifacts)
 
-    async def _send_backlog(self) -> bool:
-        """Send the journal's pending lines, then the memory backlog, in order; False at the first transient failure."""
+    async def _send_backlog(self, *, timeout: float | None = None) -> bool:
+        """Send the journal's pending lines, then the memory backlog, in order, in full requests back to back.
+
+        False at the first transient failure (the outage goes on) or recoverable refusal.
+        """
         client = self._client
+        info = self._require_info()
         assert client is not None
+        if self._outage_since is not None and timeout is None:
+            timeout = min(self._request_timeout, 5.0)  # a probe of a server that did not answer: short
+        backlog = self._backlog
         try:
-            if self._journal is not None:
-                for offset, op in self._journal.pending():
-                    if op["op"] == "batch":
-                        await self._send(client.log_batch(orjson.dumps(op["body"])), int(op.get("points", 0)))
-                    elif op["op"] == "artifact":
-                        await self._send_artifact(self._journal.artifact_file(op["path"]), op["path"])
-                    await anyio.to_thread.run_sync(self._journal.ack, offset)
-                self._journal.remove()
-                self._journal = None
-            while self._backlog:
-                item = self._backlog[0]
-                if item.body is not None:
-                    await self._send(client.log_batch(item.body), item.points, len(item.body))
-                elif item.artifact is not None:
-                    await self._send_record(item.artifact)
-                self._backlog.popleft()
-                self._backlog_points -= item.points
+            for offset, op in backlog.journal_ops():
+                points = int(op.get("points", 0))
+                if op["op"] == "batch":
+                    await self._send(client.log_batch(orjson.dumps(op["body"]), timeout=timeout), points)
+                elif op["op"] == "artifact":
+                    await self._send_artifact(backlog.journal.artifact_file(op["path"]), op["path"])  # type: ignore[union-attr]
+                elif op["op"] == "end":
+                    continue  # the end is recorded by close()
+                await anyio.to_thread.run_sync(backlog.ack_journal, offset, points)
+            if backlog.journal is not None:
+                await anyio.to_thread.run_sync(backlog.journal_done)
+            while (front := backlog.front(info.run_id)) is not None:
+                if isinstance(front, ArtifactRecord):
+                    await self._send_record(front)
+                    backlog.pop(1, 0)
+                else:
+                    body, points, n = front
+                    await self._send(client.log_batch(body, timeout=timeout), points, len(body))
+                    backlog.pop(n, points)
         except TransientError as exc:
             self._enter_outage(exc)
             return False
-        if self._outage_since is not None:
-            log.warning(
-                "steplog: the MLflow server at %s is answering again after %.0f s; the backlog is sent",
-                self.display_uri,
-                time.monotonic() - self._outage_since,
-            )
+        except _RECOVERABLE as exc:
+            self._hold(exc)
+            return False
+        if self._outage_since is not None or self._held is not None:
+            log.warning("steplog: the MLflow server at %s is taking data again; the backlog is sent", self.display_uri)
         self._outage_since = None
+        self._held = None
+        self._last_error = None
         self._attempt = 0
         self._retry_at = 0.0
         return True
 
     async def _send(self, request: Any, points: int, size: int = 0) -> None:
-        """Await one request; a permanent refusal is recorded (not retried), a transient one raised."""
+        """Await one request; a permanent refusal is recorded (not retried); transient and recoverable ones raised."""
         self.requests += 1
         try:
             await request
+        except _RECOVERABLE:
+            raise  # the data stays in the backlog (and goes to the journal): see _hold
         except StepLogError as exc:  # ServerError, or an artifact the server cannot take: not retried
             self._refused.append(exc)
             self._unreported.append(exc)
+            self._last_error = str(exc)
             log.error("steplog: %s (%d metric points not stored)", exc, points)
             return
         self.acknowledged_points += points
@@ -767,68 +331,66 @@ class MlflowRestSink:
         assert self._info is not None
         await self._client.upload_artifact(self._info.artifact_uri, path, data)
 
-    def _enter_outage(self, exc: TransientError) -> None:
+    def _enter_outage(self, exc: Exception) -> None:
         now = anyio.current_time()
+        self._retries += 1
+        self._last_error = str(exc) or type(exc).__name__
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             log.warning(
                 "steplog: the MLflow server at %s is not answering (%s); records are kept (in memory up to "
                 "max_buffer=%d points, then in the journal under %s) and sent when it is back",
                 self.display_uri,
-                exc,
+                self._last_error,
                 self._max_buffer,
                 self._journal_dir,
             )
-        self._retry_at = now + self._retry.delay(self._attempt, exc.retry_after)
+        self._retry_at = now + self._retry.delay(self._attempt, getattr(exc, "retry_after", None))
         self._attempt += 1
+
+    def _hold(self, exc: ServerError) -> None:
+        """A refusal that a fix elsewhere undoes: keep everything in the journal, say it once, try again later."""
+        first = self._held is None
+        self._held = exc
+        self._enter_outage(exc)
+        if first:
+            self._unreported.append(
+                type(exc)(
+                    f"{exc}. The data is kept in the journal under {self._journal_dir}; once fixed, upload it "
+                    f"with: steplog sync {self._journal_dir} --to {self.display_uri}",
+                    status=getattr(exc, "status", None),
+                    error_code=getattr(exc, "error_code", None),
+                )
+            )
+            log.error("steplog: %s", exc)
 
     # ------------------------------------------------------------------ the journal
 
     def _open_journal(self) -> Journal:
-        if self._journal is None:
-            info = self._require_info()
-            self._journal = Journal.create(
-                self._journal_dir,
-                {
-                    "tracking_uri": self.display_uri,
-                    "run_id": info.run_id,
-                    "experiment_id": info.experiment_id,
-                    "experiment_name": info.experiment_name,
-                    "run_name": info.run_name,
-                    "artifact_uri": info.artifact_uri,
-                },
-            )
-        return self._journal
+        info = self._require_info()
+        return Journal.create(
+            self._journal_dir,
+            {
+                "tracking_uri": self.display_uri,
+                "run_id": info.run_id,
+                "experiment_id": info.experiment_id,
+                "experiment_name": info.experiment_name,
+                "run_name": info.run_name,
+                "artifact_uri": info.artifact_uri,
+            },
+        )
 
     def _spill(self, end: tuple[RunStatus, int] | None = None) -> None:
         """Move the memory backlog (and the run's end, if given) to the journal, in order."""
-        if not self._backlog and end is None:
-            return
-        journal = self._open_journal()
-        lines: list[bytes] = []
-        for item in self._backlog:
-            if item.body is not None:
-                lines.append(journal.batch_line(item.body, item.points))
-            elif item.artifact is not None:
-                lines.append(journal.artifact_line(item.artifact))
-        if end is not None:
-            lines.append(journal.end_line(end[0].name, end[1]))
-        journal.append(lines)
-        self.spilled_points += self._backlog_points
-        self._backlog.clear()
-        self._backlog_points = 0
-
-    def _journal_points(self) -> int:
-        if self._journal is None:
-            return 0
-        return sum(int(op.get("points", 0)) for _, op in self._journal.pending())
+        info = self._require_info()
+        self._backlog.spill(info.run_id, None if end is None else (end[0].name, end[1]))
 
     # ------------------------------------------------------------------ close
 
     async def close(self, status: RunStatus, end_time: int) -> None:
-        """Send the backlog and end the run, within the caller's deadline.
+        """Journal any backlog, then send it and end the run within the caller's deadline.
 
-        What the server has not acknowledged by then goes to the journal, and a
+        What the server has not acknowledged by then stays in the journal, and a
         StepLogError names the ``steplog sync`` command that finishes the upload.
         """
         client = self._client
@@ -839,24 +401,28 @@ class MlflowRestSink:
         ended = False
         try:
             with anyio.move_on_after(budget):
-                while True:
-                    if await self._send_backlog():
-                        break
+                if self._backlog.memory and (self._outage_since is not None or self._held is not None):
+                    # journal first: a SIGKILL that follows a SIGTERM must not find the backlog only in memory
+                    await anyio.to_thread.run_sync(self._spill)
+                while not await self._send_backlog(timeout=self._request_timeout):
+                    if self._held is not None:
+                        break  # only a fix elsewhere helps: the journal keeps it
                     await anyio.sleep(max(0.0, self._retry_at - anyio.current_time()))
                 info = self._require_info()
-                while True:
+                while self._held is None:
                     try:
                         await client.update_run(info.run_id, status.name, end_time)
+                        ended = True
                         break
                     except TransientError as exc:
                         self._enter_outage(exc)
                         await anyio.sleep(max(0.0, self._retry_at - anyio.current_time()))
-                ended = True
+        except _RECOVERABLE as exc:
+            self._hold(exc)
         finally:
             if not ended:
                 self._spill(end=(status, end_time))
-            if self._journal is not None:
-                self._journal.close()
+            self._backlog.close_journal()
             with anyio.CancelScope(shield=True):
                 await client.aclose()
             self._client = None
@@ -871,12 +437,12 @@ class MlflowRestSink:
             )
 
     def _left_in_journal_message(self) -> str:
-        assert self._journal is not None
-        folder = self._journal.folder
+        folder = self.journal_path
+        reason = f" ({self._last_error})" if self._last_error else ""
         return (
             f"the MLflow server at {self.display_uri} did not acknowledge everything before close() ran out of "
-            f"time: {self._journal_points()} metric points (and the run's end) are kept in the journal {folder}. "
-            f"Finish the upload with: steplog sync {folder} --to {self.display_uri}"
+            f"time{reason}: {self._backlog.journal_points} metric points (and the run's end) are kept in the "
+            f"journal {folder}. Finish the upload with: steplog sync {folder} --to {self.display_uri}"
         )
 
     # ------------------------------------------------------------------ emergency path
@@ -887,19 +453,60 @@ class MlflowRestSink:
         self._spill()
 
     def close_sync(self, status: RunStatus, end_time: int) -> None:
-        """Emergency close (no event loop): record the end in the journal and say how to upload it."""
-        if self._info is None or self._closed:
+        """Emergency close (no event loop): journal first, then try the server with a short budget.
+
+        The backlog and the run's end are in the journal (fsynced) before any network wait;
+        then a blocking client replays it within ``min(request_timeout, 5)`` seconds in all.
+        What the server did not acknowledge stays in the journal, and the warning names the
+        ``steplog sync`` command that finishes the upload.
+        """
+        info = self._info
+        if info is None or self._closed:
             return
         self._closed = True
         self._spill(end=(status, end_time))
-        if self._journal is not None:
-            self._journal.close()
-            log.warning("steplog: %s", self._left_in_journal_message())
+        backlog = self._backlog
+        journal = backlog.journal
+        if journal is not None:
+
+            def ack(offset: int, points: int) -> None:
+                backlog.ack_journal(offset, points)
+                self.acknowledged_points += points
+
+            transport = self._transport if isinstance(self._transport, httpx.BaseTransport) else None
+            sent = replay_sync(
+                self.uri, journal.pending(), ack, run_id=info.run_id, budget=min(self._request_timeout, 5.0),
+                transport=transport,
+            )  # fmt: skip
+            if sent:
+                backlog.journal_done()
+                return
+        backlog.close_journal()
+        log.warning("steplog: %s", self._left_in_journal_message())
 
     def _require_info(self) -> RunInfo:
         if self._info is None:
             raise WriteError("the MLflow REST sink was used before open()")
         return self._info
+
+
+def _run_info(info: dict[str, Any], request: RunRequest, display_uri: str) -> RunInfo:
+    """The run's identity from the server's (checked) answer."""
+    start_time = info.get("start_time")
+    if not (isinstance(start_time, (int, str)) and str(start_time).isdigit()):
+        start_time = request.start_time
+    return RunInfo(
+        run_id=info["run_id"],
+        experiment_id=info["experiment_id"],
+        experiment_name=request.experiment_name,
+        run_name=str(info.get("run_name") or request.run_name),
+        artifact_uri=str(info.get("artifact_uri") or ""),
+        tracking_uri=display_uri,
+        start_time=int(start_time)
+        if isinstance(start_time, (int, str)) and str(start_time).isdigit()
+        else request.start_time,
+        user_id=str(info.get("user_id") or request.user_id),
+    )
 
 
 def _budget(deadline: float, default: float) -> float:

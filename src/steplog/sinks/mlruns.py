@@ -16,9 +16,7 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
-import getpass
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -47,6 +45,7 @@ from .._layout import (
     write_atomic,
 )
 from .._records import ArtifactRecord, RunInfo, RunStatus
+from .._runmeta import cut_torn_tail, system_tags
 from .._validation import (
     check_experiment_id,
     check_experiment_name,
@@ -57,7 +56,7 @@ from .._validation import (
 )
 from ..typing import Batch, RunRequest
 
-__all__ = ["MlrunsSink", "default_user", "source_name"]
+__all__ = ["MlrunsSink"]
 
 _LINE = b"%d %b %d\n"
 # Items per C-level call when encoding (2048 points, ~0.3 ms): each such call holds the interpreter
@@ -87,22 +86,6 @@ def _all_distinct(steps: list[int]) -> bool:
 # to ±max float): two such points at one (key, step, timestamp) break migrate-filestore's UNIQUE
 # constraint just like identical ones, so they count as identical here.
 _SQL_SAME = {b"-0.0": b"0.0", b"inf": b"1.7976931348623157e+308", b"-inf": b"-1.7976931348623157e+308"}
-
-
-def default_user() -> str:
-    """The user MLflow records: ``MLFLOW_TRACKING_USERNAME`` or the OS user."""
-    try:
-        return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
-    except Exception:  # getpass fails without a passwd entry (some containers)
-        return "unknown"
-
-
-def source_name() -> str:
-    """What MLflow records as ``mlflow.source.name``: the script path, or ``<console>``."""
-    main = sys.argv[0] if sys.argv and sys.argv[0] else ""
-    if not main or main == "-c":
-        return "<console>"
-    return os.path.abspath(main) if os.path.exists(main) else main
 
 
 class _MetricFile:
@@ -201,13 +184,7 @@ class MlrunsSink:
             )
             self.run_dir = run_dir
             write_atomic(run_dir / META, dump_meta(self._meta).encode(), fsync=self._fsync)
-            tags = {
-                "mlflow.user": request.user_id,
-                "mlflow.source.name": source_name(),
-                "mlflow.source.type": "LOCAL",
-                **request.tags,
-                "mlflow.runName": request.run_name,
-            }
+            tags = system_tags(request.user_id, request.run_name, request.tags)
             for key, value in tags.items():
                 self._write_value("tags", key, value)
         except OSError as exc:
@@ -471,32 +448,13 @@ class MlrunsSink:
 # ---------------------------------------------------------------------------- helpers
 
 
-def cut_torn_tail(fd: int) -> int:
-    """Truncate an open file back to just after its last newline (or to empty); return the new size."""
-    size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return size
-    pos = size
-    while pos > 0:
-        start = max(0, pos - 65536)
-        chunk = os.pread(fd, pos - start, start)
-        nl = chunk.rfind(b"\n")
-        if nl >= 0:
-            new_size = start + nl + 1
-            os.ftruncate(fd, new_size)
-            return new_size
-        pos = start
-    os.ftruncate(fd, 0)
-    return 0
-
-
 _ALIGN = 4096
-"""No metric line straddles a multiple of this file offset (see :func:`align_lines`)."""
+"""No metric line straddles a multiple of this file offset (see :func:`_align_lines`)."""
 _MAX_LINE = 66
 """The longest line steplog writes: a 19-digit timestamp, a 24-character value, a 20-character step."""
 
 
-def align_lines(data: bytes, start: int) -> bytes:
+def _align_lines(data: bytes, start: int) -> bytes:
     """Pad lines with trailing spaces so that a line ends at every 4 KiB boundary of the file.
 
     Linux copies a ``write()`` into the page cache one page (or folio) at a time and checks
@@ -542,9 +500,9 @@ def align_lines(data: bytes, start: int) -> bytes:
 def _append(handle: _MetricFile, data: bytes) -> int:
     """Append whole lines with one write; on any failure cut the file back so no partial line stays.
 
-    Returns the bytes written (the lines, aligned by :func:`align_lines`).
+    Returns the bytes written (the lines, aligned by :func:`_align_lines`).
     """
-    data = align_lines(data, handle.size)
+    data = _align_lines(data, handle.size)
     try:
         written = os.write(handle.fd, data)
         if written != len(data):
