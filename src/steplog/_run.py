@@ -691,6 +691,10 @@ def make_sink(uri: str, options: Options) -> Sink:
             start_timeout=options.start_timeout,
         )
         return sink
+    if lowered.startswith("sqlite:"):  # MLflow's own database (sinks/sqlite.py)
+        from .sinks.sqlite import SqliteSink
+
+        return SqliteSink(uri, durability=options.durability)
     scheme, sep, _rest = uri.partition(":")
     if sep and scheme.lower() != "file" and len(scheme) > 1:
         source = next(
