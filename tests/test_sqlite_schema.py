@@ -23,7 +23,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gen_sqlite_schema
 def gen_script() -> ModuleType:
     """``scripts/gen_sqlite_schema.py`` as a module (its ``normalized`` and ``mlflow_database``)."""
     spec = importlib.util.spec_from_file_location("gen_sqlite_schema", SCRIPT)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -86,7 +87,7 @@ def test_unknown_revision_is_refused_naming_it(tmp_path: Path) -> None:
     con.execute("UPDATE alembic_version SET version_num = 'f00dfeed1234'")
     con.commit()
     con.close()
-    with pytest.raises(StepLogError, match="'f00dfeed1234'.*mlflow db upgrade"):
+    with pytest.raises(StepLogError, match=r"'f00dfeed1234'.*mlflow db upgrade"):
         steplog.start_run("x", tracking_uri=f"sqlite:///{db}")
 
 

@@ -85,7 +85,8 @@ def test_values_and_latest_are_stored_as_mlflow_stores_them(tmp_path: Path) -> N
     assert rows(theirs, batch_run.info.run_id) == rows(ours, run.run_id)
     history = MlflowClient(f"sqlite:///{ours}").get_metric_history(run.run_id, "v")
     values = [m.value for m in history]
-    assert math.isnan(values[0]) and values[1:4] == [MAX_FLOAT, -MAX_FLOAT, 0.0]
+    assert math.isnan(values[0])
+    assert [MAX_FLOAT, -MAX_FLOAT, 0.0] == values[1:4]
     assert math.copysign(1.0, values[3]) == 1.0  # -0.0 reads back as 0.0, as from MLflow's store
 
 
@@ -108,14 +109,16 @@ def check_mlflow_reads(db: Path, run_id: str, status: str = "FINISHED") -> None:
 
     client = MlflowClient(f"sqlite:///{db}")
     got = client.get_run(run_id)
-    assert status == got.info.status and got.info.end_time is not None
+    assert status == got.info.status
+    assert got.info.end_time is not None
     assert {f"p{i:03d}": str(i * 1.5) for i in range(150)} == got.data.params
     assert {"model": "mlp", "team": "steplog"}.items() <= got.data.tags.items()
     assert got.data.tags["mlflow.runName"] == got.info.run_name
     assert list(range(200)) == [m.step for m in client.get_metric_history(run_id, "loss")]
     assert [1 / (s + 1) for s in range(200)] == [m.value for m in client.get_metric_history(run_id, "loss")]
     special = [m.value for m in client.get_metric_history(run_id, "special")]
-    assert math.isnan(special[0]) and special[1:] == [MAX_FLOAT, -MAX_FLOAT, 0.0, 5e-324]
+    assert math.isnan(special[0])
+    assert [MAX_FLOAT, -MAX_FLOAT, 0.0, 5e-324] == special[1:]
     assert {"loss": 1 / 200, "acc/top1": 199 / 200, "lr": 1e-3, "special": 5e-324} == got.data.metrics
     names = sorted(f.path for f in client.list_artifacts(run_id)) + [
         f.path for f in client.list_artifacts(run_id, "notes")
@@ -165,9 +168,15 @@ async def test_async_run_reads_back_in_mlflow(database: Path, artifact: Path) ->
 def test_failed_run_status(tmp_path: Path) -> None:
     """An exception in the block ends the run FAILED in the database."""
     db = tmp_path / "m.db"
-    with pytest.raises(RuntimeError), steplog.start_run("s", tracking_uri=f"sqlite:///{db}") as run:
-        run.log_metric("x", 1.0)
-        raise RuntimeError("boom")
+    run = steplog.start_run("s", tracking_uri=f"sqlite:///{db}")
+
+    def fail() -> None:
+        with run:
+            run.log_metric("x", 1.0)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        fail()
     assert "FAILED" == SqliteStore(f"sqlite:///{db}").get_run(run.run_id).status.name
 
 
@@ -251,7 +260,8 @@ def test_full_disk_is_a_typed_error_and_nothing_is_lost(tmp_path: Path) -> None:
             run.log_metric("x", float(step), step=step)
         with pytest.raises(WriteError) as info:
             run.flush()
-        assert errno.ENOSPC == info.value.errno and "disk is full" in str(info.value)
+        assert errno.ENOSPC == info.value.errno
+        assert "disk is full" in str(info.value)
         assert [0] == SqliteStore(f"sqlite:///{db}").metric_history(run.run_id, "x").steps  # earlier flush intact
         sink._con.execute("PRAGMA max_page_count = 1073741823")  # space is back
         run.flush()
@@ -277,14 +287,19 @@ def test_store_and_cli_read_the_database(tmp_path: Path, capsys: pytest.CaptureF
     assert (run.run_id, "one", {"lr": "0.1"}) == (found.run_id, found.run_name, found.params)
     assert run.run_id == store.get_run(run.run_id[:8]).run_id
     history = store.metric_history(run.run_id, "loss")
-    assert [0, 1, 2, 3, 4, 2] == history.steps and math.isnan(history.values[-1])
+    assert [0, 1, 2, 3, 4, 2] == history.steps
+    assert math.isnan(history.values[-1])
     assert (4, 0.2) == (found.latest["loss"].step, found.latest["loss"].value)
     watcher = store.watch(run.run_id)
-    assert {"loss"} == set(watcher.poll()) and {"loss": 6} == watcher.counts and {} == watcher.poll()
+    assert {"loss"} == set(watcher.poll())
+    assert {"loss": 6} == watcher.counts
+    assert {} == watcher.poll()
     for args in (["runs"], ["show", run.run_id[:8]], ["tail", run.run_id[:8], "--plain"]):
         assert main([*args, "--uri", uri]) in (0, None)
     out = capsys.readouterr().out
-    assert "one" in out and "FINISHED" in out and "loss" in out
+    assert "one" in out
+    assert "FINISHED" in out
+    assert "loss" in out
 
 
 def test_mlflow_server_serves_the_run_while_steplog_writes(tmp_path: Path) -> None:

@@ -22,9 +22,7 @@ from .store import Experiment, History, LatestMetrics, RunData, RunWatcher, Stor
 
 __all__ = ["SqliteRunWatcher", "SqliteStore"]
 
-_RUN_COLUMNS = (
-    "run_uuid, experiment_id, name, status, start_time, end_time, lifecycle_stage, user_id, artifact_uri"
-)
+_RUN_COLUMNS = "run_uuid, experiment_id, name, status, start_time, end_time, lifecycle_stage, user_id, artifact_uri"
 
 
 class _Latest(LatestMetrics):

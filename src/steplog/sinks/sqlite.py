@@ -395,7 +395,7 @@ class SqliteSink:
                 pairs = [sql_value(v) for v in values]
                 values = [p[0] for p in pairs]
                 flags = [p[1] for p in pairs]
-            con.executemany(_INSERT_METRIC, zip(repeat(key), values, stamps, repeat(run_id), steps, flags))
+            con.executemany(_INSERT_METRIC, zip(repeat(key), values, stamps, repeat(run_id), steps, flags))  # noqa: B905 - repeat() is endless
             i = _latest_of(steps, stamps, values)
             new = (steps[i], stamps[i], values[i], 0 if isinstance(flags, itertools.repeat) else flags[i])
             old = self._latest.get(key)
@@ -414,7 +414,7 @@ class SqliteSink:
 
     def _write_artifact(self, record: ArtifactRecord) -> None:
         location = self.artifact_uri
-        if location.startswith("file:") or location.startswith("/"):
+        if location.startswith(("file:", "/")):
             root = uri_to_path(location).resolve()
         else:
             raise WriteError(
