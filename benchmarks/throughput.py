@@ -50,6 +50,18 @@ def _one_round(x: cs.Contender, root: Path, steps: int, use_dict: bool) -> tuple
     return elapsed, time.process_time() - c0, logger
 
 
+def _open_sqlite(root: Path) -> Any:
+    """steplog writing MLflow's SQLite database (``sqlite:///.../mlflow.db``) instead of mlruns files."""
+    import steplog
+
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return steplog.start_run("bench", run_name="bench", tracking_uri=uri, handle_signals=False)
+
+
+SQLITE = cs.Contender("steplog sqlite", "steplog Run.log_metric into MLflow's SQLite database", _open_sqlite, cost=0.3)
+
+
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
     rounds = c.pick(mode, 1, 2, 5)
@@ -60,6 +72,7 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
         entries.append((x.name, x, False))
         if x is cs.STEPLOG:
             entries.append(("steplog (log_metrics dict)", x, True))
+            entries.append((SQLITE.name, SQLITE, False))
     samples: dict[str, list[float]] = {name: [] for name, _x, _d in entries}
     per_cpu: dict[str, list[float]] = {name: [] for name, _x, _d in entries}
     points: dict[str, int] = {}
@@ -68,13 +81,13 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
         for r in range(rounds):
             for i, (name, x, use_dict) in enumerate(c.rotate(entries, r)):
                 steps = max(1, c.scaled(x.cost * 20, budget, lo=1, hi=100_000))
-                if x is cs.STEPLOG:
+                if x in (cs.STEPLOG, SQLITE):
                     steps = c.pick(mode, 50, 10_000, 50_000)
                 elapsed, cpu, logger = _one_round(x, Path(tmp) / f"r{r}-{i}", steps, use_dict)
                 samples[name].append(steps * len(KEYS) / elapsed)
                 per_cpu[name].append(steps * len(KEYS) / cpu if cpu > 0 else float("nan"))
                 points[name] = steps * len(KEYS)
-                if x is cs.STEPLOG:
+                if x in (cs.STEPLOG, SQLITE):
                     stats = logger.stats()  # type: ignore[attr-defined]
                     checks[name] = checks.get(name, True) and stats.written == steps * len(KEYS) == stats.logged
     rows = [
@@ -116,6 +129,17 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
                 "≥ 2 M points/s",
                 per >= 2e6,
                 f"{per / 1e6:.2f} M points/CPU-s",
+            )
+        )
+    if SQLITE.name in by:
+        lite = by[SQLITE.name]["points_per_s"]["median"]
+        targets.append(
+            c.target(
+                "end-to-end throughput into MLflow's SQLite database",
+                lite,
+                "≥ 1 M points/s",
+                lite >= 1e6,
+                f"{lite / 1e6:.2f} M points/s",
             )
         )
     fields = {"rounds": rounds, "rows": rows, "all_written": checks}

@@ -243,7 +243,10 @@ class SqliteSink:
 
     def _open(self, con: sqlite3.Connection, request: RunRequest) -> RunInfo:
         try:
-            con.execute("PRAGMA journal_mode = WAL")  # persistent; readers never block the writer
+            try:
+                con.execute("PRAGMA journal_mode = WAL")  # persistent; readers never block the writer
+            except sqlite3.OperationalError:
+                pass  # another process holds the file right now: its rollback journal is just as safe
             con.execute(f"PRAGMA synchronous = {self._synchronous}")
             con.execute("BEGIN IMMEDIATE")  # one process creates the schema or the experiment
             try:
