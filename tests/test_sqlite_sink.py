@@ -334,3 +334,15 @@ def test_mlflow_server_serves_the_run_while_steplog_writes(tmp_path: Path) -> No
         }
     finally:
         server.stop()
+
+
+def test_tracking_uri_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MLFLOW_TRACKING_URI=sqlite:///...`` (MLflow's recommended setting) sends runs and Store() to the database."""
+    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with steplog.start_run("env") as run:
+        run.log_metric("x", 2.0)
+    store = steplog.Store()
+    assert isinstance(store, SqliteStore)
+    assert [2.0] == store.metric_history(run.run_id, "x").values
+    assert uri == run.info.tracking_uri
