@@ -63,7 +63,15 @@ def rows(db: Path, run_id: str) -> dict[str, list[tuple[Any, ...]]]:
     return {"metrics": metrics, "latest": latest}
 
 
-def test_values_and_latest_are_stored_as_mlflow_stores_them(tmp_path: Path) -> None:
+@pytest.fixture(params=["one statement", "executemany"])
+def insert_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways points go in: one JSON statement per key, and executemany where SQLite lacks JSON."""
+    if request.param == "executemany":
+        monkeypatch.setattr("steplog.sinks.sqlite._bulk_ready", lambda con: False)
+    return str(request.param)
+
+
+def test_values_and_latest_are_stored_as_mlflow_stores_them(tmp_path: Path, insert_path: str) -> None:
     """NaN, ±inf, -0.0, subnormals, identical points and the latest-metric rule: the same rows as MLflow's."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -346,3 +354,23 @@ def test_tracking_uri_from_the_environment(tmp_path: Path, monkeypatch: pytest.M
     assert isinstance(store, SqliteStore)
     assert [2.0] == store.metric_history(run.run_id, "x").values
     assert uri == run.info.tracking_uri
+
+
+def test_every_finite_double_is_stored_exactly(tmp_path: Path, insert_path: str) -> None:
+    """Doubles from random bit patterns (every exponent, subnormals included) read back bit for bit."""
+    import random
+    import struct
+
+    rng = random.Random(20261129)
+    values: list[float] = []
+    while len(values) < 20_000:
+        value = struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
+        if math.isfinite(value) and value != 0:
+            values.append(value)
+    values += [5e-324, -5e-324, 2.225073858507201e-308, 2.2250738585072014e-308, MAX_FLOAT, 0.1, 1e23, 1.0]
+    uri = f"sqlite:///{tmp_path / 'exact.db'}"
+    with steplog.start_run("exact", tracking_uri=uri) as run:
+        for step, value in enumerate(values):
+            run.log_metric("x", value, step=step)
+    got = SqliteStore(uri).metric_history(run.run_id, "x").values
+    assert [struct.pack("<d", v) for v in values] == [struct.pack("<d", v) for v in got]
