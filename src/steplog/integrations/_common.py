@@ -140,11 +140,11 @@ class Guard:
         try:
             text = str(value)  # None as "None", as MLflow's own framework loggers store it
         except Exception as exc:  # a user object whose __str__ raises must not stop training
-            self.warn_once("str", key, f"{kind} {key!r} could not be converted to text ({exc!r}) and is skipped")
+            self.warn_once(f"str {kind}", key, f"{kind} {key!r} could not be converted to text ({exc!r}) and is skipped")
             return ""
         if len(text) > limit:
             self.warn_once(
-                "long",
+                f"long {kind}",
                 key,
                 f"{kind} {key!r} is {len(text)} characters long; MLflow keeps at most {limit}, so it is cut",
             )
@@ -207,6 +207,9 @@ def _check_options(options: Mapping[str, Any]) -> None:
     unknown = set(options) - {f.name for f in dataclasses.fields(Options)}
     if unknown:
         raise TypeError(f"unknown steplog options: {', '.join(sorted(unknown))}")
+
+
+_MAX_RUN_NAME_LENGTH = 250  # what start_run accepts (a framework may hand over a longer one)
 
 
 def _can_resume() -> bool:
@@ -291,9 +294,12 @@ class RunHandle:
     def _open(self, options: Mapping[str, Any]) -> Run:
         from .._run import start_run
 
+        run_name = self.run_name
+        if run_name is not None:
+            run_name = self.guard.param_value("run_name", run_name, _MAX_RUN_NAME_LENGTH, "run name") or None
         return start_run(
             self.experiment,
-            run_name=self.run_name,
+            run_name=run_name,
             tracking_uri=self.tracking_uri,
             tags=self.tags,
             **options,
