@@ -240,3 +240,20 @@ def test_no_warning_for_clean_input(store: Path) -> None:
         logger.log_hyperparams({"a": 1})
         logger.log_metrics({"m": 1.0, "n": 2}, step=0)
     logger.finalize("success")
+
+
+def test_logging_after_finalize_is_skipped_with_one_warning(store: Path, mlflow_client: Any) -> None:
+    """After finalize (e.g. trainer.test() after fit), log calls warn once and are skipped: the run stays FINISHED.
+
+    Reopening the run needs start_run(run_id=...), which steplog's core does not have yet.
+    """
+    logger = SteplogLogger("after", tracking_uri=store)
+    logger.log_metrics({"loss": 1.0}, step=0)
+    logger.finalize("success")
+    with pytest.warns(IntegrationWarning, match="ended when the framework finalized it") as caught:
+        logger.log_metrics({"test/acc": 0.5}, step=1)
+        logger.log_metrics({"test/acc": 0.6}, step=2)
+    assert 1 == len(caught)
+    run = only_run(mlflow_client)
+    assert "FINISHED" == run.info.status
+    assert {"loss"} == set(run.data.metrics)
