@@ -52,7 +52,7 @@ def only_run(client: Any) -> Any:
 
 
 def test_batch_and_epoch_metrics_and_params_read_back(store: Path, mlflow_client: Any) -> None:
-    """Batch metrics every n batches at the global batch index, epoch metrics at the epoch, optimizer params, FINISHED."""
+    """Batch metrics every n batches at the global batch index, epoch metrics at the epoch, params, FINISHED."""
     recorder = Recorder()
     fit([recorder, SteplogCallback("keras", tracking_uri=store, log_every_n_steps=5)])
     run = only_run(mlflow_client)

@@ -25,6 +25,7 @@ pytestmark = [
 
 STEPS = 20
 
+
 def tiny_bert() -> BertForSequenceClassification:
     """A 2-layer BERT of width 32, built in code (no download)."""
     torch.manual_seed(0)
@@ -61,7 +62,6 @@ def tiny_args(output_dir: Path | str, **kw: Any) -> TrainingArguments:
     return TrainingArguments(**options)
 
 
-
 class Recorder(TrainerCallback):  # type: ignore[misc]
     """Records what the Trainer hands its callbacks in on_log, with the global step at that moment."""
 
@@ -78,9 +78,7 @@ def only_run(client: Any) -> Any:
     return runs[0]
 
 
-def test_trainer_numbers_read_back_at_global_step_with_params(
-    store: Path, mlflow_client: Any, tmp_path: Path
-) -> None:
+def test_trainer_numbers_read_back_at_global_step_with_params(store: Path, mlflow_client: Any, tmp_path: Path) -> None:
     """Every number on_log received is in MLflow at state.global_step; args and model config are params; FINISHED."""
     recorder = Recorder()
     callback = SteplogCallback("bert", run_name="tiny", tracking_uri=store)
@@ -95,7 +93,8 @@ def test_trainer_numbers_read_back_at_global_step_with_params(
     run = only_run(mlflow_client)
     assert "FINISHED" == run.info.status
     assert "tiny" == run.info.run_name
-    assert callback.run is not None and run.info.run_id == callback.run.run_id
+    assert callback.run is not None
+    assert run.info.run_id == callback.run.run_id
     params = run.data.params
     assert "0.001" == params["learning_rate"]
     assert "20" == params["max_steps"]
@@ -114,7 +113,9 @@ def test_trainer_numbers_read_back_at_global_step_with_params(
         assert points == [(m.value, m.step) for m in history], key
 
 
-def test_non_numbers_skipped_and_long_params_cut_with_one_warning(store: Path, mlflow_client: Any, tmp_path: Path) -> None:
+def test_non_numbers_skipped_and_long_params_cut_with_one_warning(
+    store: Path, mlflow_client: Any, tmp_path: Path
+) -> None:
     """A str among on_log's values is skipped and a 7000-char param cut, each with one warning; training goes on."""
     callback = SteplogCallback("bert", tracking_uri=store)
     args = tiny_args(tmp_path / "out", max_steps=3, run_name="r" * 7000)
@@ -183,9 +184,9 @@ def test_mlflow_env_vars(store: Path, mlflow_client: Any, monkeypatch: pytest.Mo
 
 
 def test_bad_env_and_resume_refused_before_training(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """MLFLOW_RUN_ID (resume, not yet in steplog's core) and a non-JSON MLFLOW_TAGS fail at construction, naming the variable."""
+    """MLFLOW_RUN_ID (resume: not in steplog's core yet) and a non-JSON MLFLOW_TAGS fail at construction, named."""
     monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
-    with pytest.raises(steplog.StepLogError, match="MLFLOW_RUN_ID=.*cannot resume"):
+    with pytest.raises(steplog.StepLogError, match=r"MLFLOW_RUN_ID=.*cannot resume"):
         SteplogCallback(tracking_uri=store)
     monkeypatch.delenv("MLFLOW_RUN_ID")
     monkeypatch.setenv("MLFLOW_TAGS", "{not json")

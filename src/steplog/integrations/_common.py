@@ -140,7 +140,9 @@ class Guard:
         try:
             text = str(value)  # None as "None", as MLflow's own framework loggers store it
         except Exception as exc:  # a user object whose __str__ raises must not stop training
-            self.warn_once(f"str {kind}", key, f"{kind} {key!r} could not be converted to text ({exc!r}) and is skipped")
+            self.warn_once(
+                f"str {kind}", key, f"{kind} {key!r} could not be converted to text ({exc!r}) and is skipped"
+            )
             return ""
         if len(text) > limit:
             self.warn_once(

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["SteplogTracker"]
 
 
-class SteplogTracker(GeneralTracker):  # type: ignore[misc]
+class SteplogTracker(GeneralTracker):  # type: ignore[misc]  # accelerate ships no type hints
     """An ``accelerate.tracking.GeneralTracker`` writing one steplog run from the main process only.
 
     Args:

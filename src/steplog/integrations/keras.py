@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["SteplogCallback"]
 
 
-class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]
+class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras ships no type hints
     """A Keras callback logging one steplog run (rank zero only).
 
     Args:

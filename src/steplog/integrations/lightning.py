@@ -19,8 +19,9 @@ from argparse import Namespace
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 from ._common import Guard, RunHandle, local_store_dir
 
@@ -34,7 +35,7 @@ __all__ = ["SteplogLogger"]
 _STATUS = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED", "aborted": "KILLED"}
 
 
-class SteplogLogger(Logger):
+class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where lightning is absent
     """A Lightning logger writing one steplog run (on rank zero; other ranks write nothing).
 
     Args:
@@ -82,14 +83,14 @@ class SteplogLogger(Logger):
         self._logged_checkpoints: dict[str, float] = {}  # path -> mtime when logged
 
     @property
-    @rank_zero_experiment
+    @rank_zero_experiment  # type: ignore[untyped-decorator,unused-ignore]
     def experiment(self) -> Run:
         """The steplog :class:`~steplog.Run` (started here on first use); a no-op object on other ranks."""
         run = self._handle.start()
         if run is None:
             from lightning.fabric.loggers.logger import _DummyExperiment
 
-            return _DummyExperiment()  # type: ignore[return-value]
+            return _DummyExperiment()  # type: ignore[return-value,no-any-return,unused-ignore]
         return run
 
     @property
@@ -139,7 +140,7 @@ class SteplogLogger(Logger):
         """The steplog run once started on this rank (kept after it ended), else None."""
         return self._handle.run
 
-    @rank_zero_only
+    @rank_zero_only  # type: ignore[untyped-decorator,unused-ignore]  # untyped where lightning is absent
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Queue numeric metrics at ``step`` (non-numbers skipped, bad keys mapped, one warning each)."""
         handle = self._handle
@@ -147,7 +148,7 @@ class SteplogLogger(Logger):
             metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
         handle.log_metrics(metrics, step)
 
-    @rank_zero_only
+    @rank_zero_only  # type: ignore[untyped-decorator,unused-ignore]  # untyped where lightning is absent
     def log_hyperparams(self, params: dict[str, Any] | Namespace | None, *args: Any, **kwargs: Any) -> None:
         """Log hyperparameters flattened with '/' (dict, Namespace or AttributeDict).
 
@@ -156,7 +157,7 @@ class SteplogLogger(Logger):
         """
         self._handle.log_params(params)
 
-    @rank_zero_only
+    @rank_zero_only  # type: ignore[untyped-decorator,unused-ignore]  # untyped where lightning is absent
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
         """With ``log_checkpoints=True``, log each new or rewritten checkpoint file under ``checkpoints/``."""
         if not self._log_checkpoints or not self._handle.writes:
@@ -173,7 +174,7 @@ class SteplogLogger(Logger):
             self._logged_checkpoints[path] = mtime
             self._handle.log_artifact(path, "checkpoints")
 
-    @rank_zero_only
+    @rank_zero_only  # type: ignore[untyped-decorator,unused-ignore]  # untyped where lightning is absent
     def finalize(self, status: str) -> None:
         """End the run: "success" -> FINISHED, "failed" -> FAILED (others: FINISHED / KILLED as named)."""
         if self._handle.run is None and status != "success":

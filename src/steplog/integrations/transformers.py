@@ -43,7 +43,9 @@ def _env_tags() -> dict[str, Any]:
     try:
         tags = json.loads(raw)
     except ValueError as exc:
-        raise InvalidValueError(f"environment variable MLFLOW_TAGS is not allowed: it is not valid JSON ({exc})") from None
+        raise InvalidValueError(
+            f"environment variable MLFLOW_TAGS is not allowed: it is not valid JSON ({exc})"
+        ) from None
     if not isinstance(tags, dict):
         raise InvalidValueError(
             f"environment variable MLFLOW_TAGS is not allowed: it must be a JSON object, not {type(tags).__name__}"
@@ -51,7 +53,7 @@ def _env_tags() -> dict[str, Any]:
     return tags
 
 
-class SteplogCallback(TrainerCallback):  # type: ignore[misc]
+class SteplogCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # untyped where transformers is absent
     """A ``TrainerCallback`` logging one steplog run from the world's process zero.
 
     Args:
@@ -114,9 +116,10 @@ class SteplogCallback(TrainerCallback):  # type: ignore[misc]
             handle.run_name = str(args.run_name)
         params: dict[str, Any] = {}
         config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            params.update(config.to_dict())
-        params.update(args.to_dict())
+        to_dict: Any = getattr(config, "to_dict", None)
+        if to_dict is not None:
+            params.update(to_dict())
+        params.update(args.to_dict())  # type: ignore[no-untyped-call,unused-ignore]  # untyped in transformers
         handle.log_params(params)
 
     def on_train_begin(
@@ -141,7 +144,7 @@ class SteplogCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._log_checkpoints and self._set_up and self._writes(state):
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            folder = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self._handle.log_artifact(folder, "checkpoints")
 
