@@ -5,13 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 import steplog
 from steplog._ranks import Ranks, detect_ranks
 from steplog.integrations import IntegrationWarning
-from steplog.integrations._common import Guard, flatten
+from steplog.integrations._common import Guard, RunHandle, flatten
 
 
 @pytest.mark.parametrize(
@@ -93,3 +94,17 @@ def test_importing_steplog_and_integrations_imports_no_framework() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_logging_to_a_run_closed_under_the_framework_warns_instead_of_raising(tmp_path: Path) -> None:
+    """A run closed behind the integration's back (e.g. by a SIGTERM handler) makes log calls warn once, not raise."""
+    handle = RunHandle(Guard("Test"), "closed", tracking_uri=tmp_path / "mlruns")
+    run = handle.start()
+    assert run is not None
+    run.close("KILLED")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IntegrationWarning)
+        handle.log_metrics({"loss": 1.0}, 1)
+        handle.log_metrics({"loss": 2.0}, 2)
+    assert 1 == len(caught)
+    assert "closed" in str(caught[0].message)

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._errors import InvalidKeyError, InvalidValueError, ParamChangedError, StepLogError
+from .._errors import InvalidKeyError, InvalidValueError, ParamChangedError, RunStateError, StepLogError
 from .._ranks import Ranks, detect_ranks
 from .._validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH, check_key
 
@@ -317,6 +317,8 @@ class RunHandle:
             return
         try:
             run.log_metrics(clean, step)
+        except RunStateError as exc:  # the run was ended under the framework (e.g. by steplog's SIGTERM handler)
+            self.guard.warn_once("state", run.run_id, f"metrics are skipped: {exc}")
         except (InvalidKeyError, InvalidValueError):
             # one bad item refuses the whole call: log the rest one by one, skipping (once) what steplog refuses
             for key, value in clean.items():
