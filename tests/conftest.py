@@ -52,7 +52,7 @@ def mlflow_client(store: Path) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _no_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests run runs inside pytest's process: leave its SIGINT/SIGTERM handling alone by default."""
     import signal
 
