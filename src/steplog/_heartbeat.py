@@ -23,7 +23,18 @@ from pathlib import Path
 
 from ._layout import META, write_atomic
 
-__all__ = ["FILE", "INTERVAL", "STALE_AFTER", "Heartbeat", "last_write_ms", "liveness", "read_heartbeat"]
+__all__ = [
+    "FILE",
+    "INTERVAL",
+    "STALE_AFTER",
+    "Heartbeat",
+    "describe_death",
+    "is_dead",
+    "last_write_ms",
+    "liveness",
+    "read_heartbeat",
+    "status_word",
+]
 
 FILE = ".steplog-heartbeat"
 INTERVAL = 2.0
@@ -134,3 +145,24 @@ def last_write_ms(run_dir: Path) -> int:
     beat = read_heartbeat(run_dir)
     beat_ms = int(beat["time_ms"]) if beat is not None else 0  # type: ignore[call-overload]
     return max(beat_ms, int(newest * 1000))
+
+
+def is_dead(run: object) -> bool:
+    """True for a reader's run (``RunData``) that is RUNNING while its writer is gone."""
+    path = getattr(run, "path", None)
+    return isinstance(path, Path) and liveness(path) is False
+
+
+def status_word(run: object) -> str:
+    """A run's status for the command line: ``RUNNING (dead)`` for a writer that died without closing."""
+    name = str(getattr(getattr(run, "status", None), "name", "?"))
+    return f"{name} (dead)" if is_dead(run) else name
+
+
+def describe_death(run_dir: Path) -> str:
+    """Why the run's writer is judged dead, in words (host, pid, heartbeat age)."""
+    beat = read_heartbeat(run_dir)
+    if beat is None:
+        return "no heartbeat"
+    age = (time.time_ns() // 1_000_000 - int(beat["time_ms"])) / 1000  # type: ignore[call-overload]
+    return f"process {beat.get('pid')} on {beat.get('host')} gone; last heartbeat {age:.0f} s ago"
