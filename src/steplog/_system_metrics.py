@@ -165,7 +165,8 @@ class SystemMetrics:
             figures["network_transmit_megabytes"] = net.bytes_sent / 1e6 - self._net0[1]
         if self._gpus is not None:
             figures.update(self._gpus.sample())
-        return {self._prefix + k: round(v, 1) for k, v in figures.items()}
+        # MLflow rounds its averaged figures to one decimal and leaves the network counters as they are
+        return {self._prefix + k: v if k.startswith("network_") else round(v, 1) for k, v in figures.items()}
 
     def _loop(self) -> None:
         pid = os.getpid()
