@@ -53,7 +53,8 @@ def test_a_killed_writer_is_reported_dead_and_repaired_to_killed(
         assert reader.alive(run_id) is True
         run_dir = reader.get_run(run_id).path
         beat = read_heartbeat(run_dir)
-        assert beat is not None and beat["pid"] == proc.pid
+        assert beat is not None
+        assert beat["pid"] == proc.pid
         assert mlflow.MlflowClient(str(store)).get_run(run_id).info.status == "RUNNING"  # the heartbeat is ignored
     finally:
         proc.send_signal(signal.SIGKILL)

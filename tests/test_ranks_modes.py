@@ -65,7 +65,7 @@ def run_job(tmp_path: Path, uri: str, experiment: str, mode: str, kind: str, wor
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, (out, err) in zip(procs, outputs, strict=True):
+    for p, (_out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
     return [out.strip() for out, _err in outputs]
 
@@ -108,7 +108,8 @@ def test_each_mode_makes_one_parent_and_a_child_per_rank(tmp_path: Path, kind: s
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.status == "FINISHED" and parent.info.end_time is not None
+    assert parent.info.status == "FINISHED"
+    assert parent.info.end_time is not None
     assert sorted(int(c.data.tags["steplog.rank"]) for c in children) == list(range(world))
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id

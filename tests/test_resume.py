@@ -203,10 +203,25 @@ def test_parent_run_id_makes_a_child_run(tmp_path: Path) -> None:
     import mlflow
 
     store = tmp_path / "mlruns"
-    with steplog.start_run("e", tracking_uri=store) as parent, steplog.start_run(
-        "e", tracking_uri=store, parent_run_id=parent.run_id
-    ) as child:
+    with (
+        steplog.start_run("e", tracking_uri=store) as parent,
+        steplog.start_run("e", tracking_uri=store, parent_run_id=parent.run_id) as child,
+    ):
         pass
     assert mlflow.MlflowClient(str(store)).get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
     with pytest.raises(InvalidValueError, match="parent_run_id"):
         steplog.start_run("e", tracking_uri=store, parent_run_id="../up")
+
+
+@pytest.mark.anyio
+async def test_resume_in_async_code(tmp_path: Path) -> None:
+    """``async with start_run(run_id=...)`` resumes too (asyncio and trio): same id, step continues, FINISHED."""
+    store = tmp_path / "mlruns"
+    async with steplog.start_run("e", tracking_uri=store) as first:
+        first.log_metric("loss", 1.0, step=4)
+    async with steplog.start_run("e", tracking_uri=store, run_id=first.run_id) as again:
+        again.log_metric("loss", 2.0)
+    assert again.run_id == first.run_id
+    reader = steplog.Store(store)
+    assert [(p.step, p.value) for p in reader.metric_history(first.run_id, "loss")] == [(4, 1.0), (4, 2.0)]
+    assert reader.get_run(first.run_id).status is steplog.RunStatus.FINISHED

@@ -28,10 +28,9 @@ def wait_for_samples(run: steplog.Run, store: Path, count: int) -> None:
     deadline = time.monotonic() + 30
     while True:
         run.flush()
-        keys = reader.metric_keys(run.run_id)
-        if "system/cpu_utilization_percentage" in keys:
-            if len(reader.metric_history(run.run_id, "system/cpu_utilization_percentage")) >= count:
-                return
+        key = "system/cpu_utilization_percentage"
+        if key in reader.metric_keys(run.run_id) and len(reader.metric_history(run.run_id, key)) >= count:
+            return
         assert time.monotonic() < deadline, "no system metrics were logged"
         time.sleep(0.05)
 

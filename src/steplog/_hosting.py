@@ -115,13 +115,15 @@ def seed_buffer(
     """
     with buffer._lock:
         for key, text in params.items():
-            buffer._params[key] = text
-            buffer._param_keys.add(key)
+            if key not in buffer._params:  # a param logged before the start (async code) is checked when written
+                buffer._params[key] = text
+                buffer._param_keys.add(key)
         for key in tags:
             buffer._tag_keys.add(key)
         for key in metric_keys:
             buffer._metric_keys.add(key)
-        buffer._step = step
+        if buffer._step == 0:  # unless steps were logged before the start: they are the newer ones
+            buffer._step = step
 
 
 def log_side_metrics(buffer: Buffer, metrics: Mapping[str, Any], step: int) -> None:

@@ -673,13 +673,16 @@ def start_run(
         sinks: extra destinations (objects implementing :class:`steplog.typing.Sink`); given
             without ``tracking_uri``, the run writes to these only.
         **options: ``flush_interval``, ``max_buffer``, ``on_full``, ``durability``,
-            ``handle_signals``, ``close_timeout`` (see the README).
+            ``handle_signals``, ``close_timeout`` (see the README); for long and distributed jobs
+            ``run_id`` (resume; default ``STEPLOG_RUN_ID``, then ``MLFLOW_RUN_ID``),
+            ``rewind_to_step``, ``parent_run_id``, ``ranks`` (``"zero"``, ``"each"``, ``"off"``),
+            ``system_metrics`` and ``system_metrics_interval``.
 
     Raises:
         InvalidValueError: a bad option, run name or tag value; a tracking URI steplog does not
             serve (``databricks``, ``postgresql://...``, an empty string); no destination at all.
         StepLogError: the destination cannot be created (a folder without write permission, a
-            server that does not answer).
+            server that does not answer); the run to resume does not exist there.
     """
     opts = Options.from_kwargs(options)
     check_experiment_name(experiment)
