@@ -134,6 +134,7 @@ def test_modes_against_a_tracking_server(tmp_path: Path, mlflow_server: Any, mod
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1, [(r.info.run_id, r.data.tags) for r in runs]
+    assert parents[0].info.status == "FINISHED"
     assert sorted(c.data.tags["steplog.rank"] for c in children) == ["0", "1"]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     for child in children:

@@ -225,3 +225,16 @@ async def test_resume_in_async_code(tmp_path: Path) -> None:
     reader = steplog.Store(store)
     assert [(p.step, p.value) for p in reader.metric_history(first.run_id, "loss")] == [(4, 1.0), (4, 2.0)]
     assert reader.get_run(first.run_id).status is steplog.RunStatus.FINISHED
+
+
+def test_resume_on_a_server_with_a_local_mirror(tmp_path: Path, mlflow_server: Any) -> None:
+    """Server first, local store second: the mirror finds its experiment by name (a server's ids mean nothing there)."""
+    store = tmp_path / "mirror"
+    uris = [mlflow_server.url, str(store)]
+    with steplog.start_run("mirrored", tracking_uri=uris) as first:
+        first.log_metric("loss", 1.0, step=0)
+    with steplog.start_run("mirrored", tracking_uri=uris, run_id=first.run_id) as again:
+        again.log_metric("loss", 2.0, step=1)
+    reader = steplog.Store(store)
+    assert list(reader.metric_history(first.run_id, "loss").steps) == [0, 1]
+    assert reader.get_run(first.run_id).status is steplog.RunStatus.FINISHED

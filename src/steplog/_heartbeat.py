@@ -53,6 +53,19 @@ def _process_start(pid: int) -> str | None:
     return data.rsplit(b")", 1)[-1].split()[19].decode()
 
 
+def _machine() -> str | None:
+    """This boot of this kernel and this process's pid namespace: where a pid means the same process.
+
+    Two containers may share a host name; a pid is only looked up where both agree.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{namespace}"
+
+
 class Heartbeat:
     """Refreshes a run folder's heartbeat file on a daemon thread until :meth:`stop`."""
 
@@ -63,7 +76,12 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
-        self._fields = {"host": socket.gethostname(), "pid": self._pid, "pid_start": _process_start(self._pid)}
+        self._fields = {
+            "host": socket.gethostname(),
+            "pid": self._pid,
+            "pid_start": _process_start(self._pid),
+            "machine": _machine(),
+        }
 
     def start(self) -> None:
         self._beat()
@@ -120,7 +138,9 @@ def liveness(run_dir: Path, *, now_ms: int | None = None, stale_after: float = S
     if beat is None:
         return None
     now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    if beat.get("host") == socket.gethostname() and isinstance(beat.get("pid"), int):
+    machine = beat.get("machine")
+    same_place = beat.get("host") == socket.gethostname() and machine is not None and machine == _machine()
+    if same_place and isinstance(beat.get("pid"), int):
         pid = int(beat["pid"])  # type: ignore[call-overload]
         started = _process_start(pid)
         if started is None or (beat.get("pid_start") is not None and started != beat.get("pid_start")):

@@ -34,6 +34,7 @@ import anyio
 from ._errors import InvalidValueError, StepLogError
 from ._ranks import Ranks, detect_ranks
 from ._records import RunInfo, RunStatus
+from ._resume import check_run_id
 from .typing import Batch, RunRequest, Sink
 
 __all__ = [
@@ -258,7 +259,7 @@ async def open_server_parent(
         await anyio.sleep(0.1)
     if not candidates:
         raise StepLogError(f"the job's parent run could not be found on {client.display_uri}")
-    chosen = candidates[0]
+    chosen = check_run_id(candidates[0], f"the run id {client.display_uri} answered")
     if chosen == my_id:
         await client.request(
             "POST", "/api/2.0/mlflow/runs/set-tag", json={"run_id": my_id, "key": JOB_PARENT_TAG, "value": "true"}

@@ -317,7 +317,7 @@ class Run:
             parent_id, experiment_id, end_parent = await open_parent(self._sinks, request, self._job, self._options)
             self._extras.append(end_parent)
             tags = {**request.tags, PARENT_TAG: parent_id, RANK_TAG: str(self.rank)}
-            request = dataclasses.replace(request, tags=tags, experiment_id=experiment_id)
+            request = dataclasses.replace(request, tags=tags, experiment_id=self._local_id(experiment_id))
         resume = self._resume
         if resume is not None:
             state = await resume_in(self._sinks, resume)
@@ -327,7 +327,7 @@ class Run:
             request = dataclasses.replace(
                 request,
                 run_id=state.run_id,
-                experiment_id=state.experiment_id,
+                experiment_id=self._local_id(state.experiment_id),
                 experiment_name=state.experiment_name or request.experiment_name,
                 start_time=state.start_time,
                 run_name=resume.run_name or state.run_name,
@@ -338,6 +338,16 @@ class Run:
             )
             self._system_first_step = state.last_system_step + 1
         return await open_run(writer, request)
+
+    def _local_id(self, experiment_id: str) -> str | None:
+        """The experiment id to open the run in, when the first destination is a local store.
+
+        A server's experiment ids mean nothing in a local store that mirrors it: there the
+        experiment is found by name, as for a new run.
+        """
+        from .sinks.mlruns import MlrunsSink
+
+        return experiment_id if self._sinks and isinstance(self._sinks[0], MlrunsSink) else None
 
     def _start_extras(self) -> None:
         """Start the heartbeat (local stores) and the system-metrics sampler, off the hot path."""

@@ -909,7 +909,7 @@ class MlflowRestSink:
         Returns a :class:`steplog._resume.ResumeState`. MLflow's server keeps the old end time
         (its ``runs/update`` cannot clear one); the next close overwrites it.
         """
-        from .._resume import ResumeState
+        from .._resume import ResumeState, check_run_id
 
         client = RestClient(self.uri, timeout=self._request_timeout, retry=self._retry, transport=self._transport)
         deadline = anyio.current_time() + self._start_timeout
@@ -942,7 +942,7 @@ class MlflowRestSink:
                 await client.aclose()
         metrics = data.get("metrics") or []
         return ResumeState(
-            run_id=str(info["run_id"]),
+            run_id=check_run_id(str(info.get("run_id")), f"the run id {self.display_uri} answered"),
             experiment_id=str(info["experiment_id"]),
             run_name=str(info.get("run_name") or run_id),
             start_time=int(info.get("start_time") or time.time() * 1000),
