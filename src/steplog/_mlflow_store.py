@@ -35,8 +35,8 @@ from mlflow.store.tracking.rest_store import RestStore
 from mlflow.utils.validation import (
     _validate_batch_log_data,
     _validate_batch_log_limits,
+    _validate_metric,
     _validate_param_keys_unique,
-    _validate_run_id,
 )
 
 import steplog
@@ -179,25 +179,20 @@ def _mlflow_errors() -> Iterator[None]:
 class _Written:
     """One run this store writes: the steplog run and what MLflow's ``get_run`` would read back."""
 
-    __slots__ = ("current", "flushed", "info", "metrics", "params", "run", "tags", "writes")
+    __slots__ = ("current", "flushed", "info", "latest", "params", "run", "tags", "writes")
 
     def __init__(self, run: steplog.Run, base: Run) -> None:
         self.run = run
         self.info: RunInfo = base.info
-        self.metrics: dict[str, Metric] = {m.key: m for m in base.data._metric_objs}
+        # each key's latest point as (step, timestamp, value): MLflow's latest is the greatest such tuple
+        self.latest: dict[str, tuple[int, int, float]] = {
+            m.key: (m.step, m.timestamp, m.value) for m in base.data._metric_objs
+        }
         self.params: dict[str, str] = dict(base.data.params)
         self.tags: dict[str, str] = dict(base.data.tags)
         self.writes = 0  # write calls so far; a read flushes only when this moved since the last flush
         self.flushed = 0
         self.current = True  # False once a write went around steplog (inputs, outputs): read the destination
-
-    def remember_metric(self, metric: Metric, value: float) -> None:
-        # MLflow's latest value of a key: the greatest (step, timestamp, value), first one on ties
-        old = self.metrics.get(metric.key)
-        if old is None or (metric.step, metric.timestamp, value) > (old.step, old.timestamp, old.value):
-            self.metrics[metric.key] = Metric(
-                metric.key, value, metric.timestamp, metric.step, run_id=self.info.run_id
-            )
 
     def remember_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
@@ -232,7 +227,10 @@ class _Written:
         return Run(
             self._info(),
             RunData(
-                metrics=list(self.metrics.values()),
+                metrics=[
+                    Metric(key, value, timestamp, step, run_id=self.info.run_id)
+                    for key, (step, timestamp, value) in self.latest.items()
+                ],
                 params=[Param(k, v) for k, v in self.params.items()],
                 tags=[RunTag(k, v) for k, v in self.tags.items()],
             ),
@@ -241,8 +239,48 @@ class _Written:
         )
 
 
-def _metric_value(value: Any) -> float:
-    return float(value)
+def _plain(metrics: Sequence[Metric]) -> bool:
+    """True when no metric is linked to a logged model or a dataset (those go to MLflow's store)."""
+    for m in metrics:
+        if m.model_id is not None or m.dataset_name is not None:
+            return False
+    return True
+
+
+def _log_metrics(written: _Written, metrics: Sequence[Metric]) -> None:
+    """Log MLflow ``Metric`` entities to the steplog run, and remember each key's latest point."""
+    run = written.run
+    if len(metrics) == 1:
+        m = metrics[0]
+        _check_number(m)
+        run.log_metric(m.key, m.value, m.step, m.timestamp)
+    else:
+        for m in metrics:
+            _check_number(m)
+        # one log_metrics call per stretch of points sharing (step, timestamp) with distinct keys:
+        # what mlflow.log_metrics sends is one such stretch
+        group: dict[str, Any] = {}
+        stamp = (metrics[0].step, metrics[0].timestamp)
+        for m in metrics:
+            here = (m.step, m.timestamp)
+            if here != stamp or m.key in group:
+                run.log_metrics(group, stamp[0], stamp[1])
+                group, stamp = {}, here
+            group[m.key] = m.value
+        run.log_metrics(group, stamp[0], stamp[1])
+    latest = written.latest
+    for m in metrics:
+        point = (m.step, m.timestamp, float(m.value))
+        old = latest.get(m.key)
+        if old is None or point > old:  # MLflow's latest: the greatest (step, timestamp, value), first on ties
+            latest[m.key] = point
+
+
+def _check_number(metric: Metric) -> None:
+    """MLflow's rule for a metric value: a Python or NumPy number (steplog also takes tensors; MLflow does not)."""
+    value = metric.value
+    if type(value) is not float and type(value) is not int:
+        _validate_metric(metric.key, value, metric.timestamp, metric.step)
 
 
 # ---------------------------------------------------------------------------- the store
@@ -348,14 +386,14 @@ class _SteplogStoreMixin:
     # ------------------------------------------------------------------ buffered writes
 
     def log_batch(self, run_id: str, metrics: Sequence[Metric], params: Sequence[Param], tags: Sequence[RunTag]) -> None:
-        written = self._open(run_id)
-        if written is None or any(m.model_id is not None or m.dataset_name is not None for m in metrics):
+        written = self._written.get(run_id)
+        if written is None or written.run.closed or not _plain(metrics):
             # a run this store does not write, or metrics linked to a model or dataset (kept elsewhere)
             return self._around(run_id, lambda: self._mlflow.log_batch(run_id, metrics, params, tags))  # type: ignore[no-any-return]
-        _validate_run_id(run_id)
-        metrics, params, tags = _validate_batch_log_data(metrics, params, tags)
         _validate_batch_log_limits(metrics, params, tags)
-        _validate_param_keys_unique(params)
+        if params or tags:  # MLflow's own checks (and its cut of over-long values); metrics are checked by steplog
+            _unused, params, tags = _validate_batch_log_data((), params, tags)
+            _validate_param_keys_unique(params)
         run = written.run
         with _mlflow_errors():
             if params:
@@ -363,37 +401,13 @@ class _SteplogStoreMixin:
                 run.log_params(values)
                 written.params.update(values)
             if metrics:
-                self._log_metrics(written, metrics)
+                _log_metrics(written, metrics)
             if tags:
                 values = {t.key: t.value for t in tags}
                 run.set_tags(values)
                 written.remember_tags(values)
         written.writes += 1
         return None
-
-    @staticmethod
-    def _log_metrics(written: _Written, metrics: Sequence[Metric]) -> None:
-        run = written.run
-        if len(metrics) == 1:
-            m = metrics[0]
-            run.log_metric(m.key, m.value, m.step, m.timestamp)
-            written.remember_metric(m, _metric_value(m.value))
-            return
-        # one log_metrics call per run of points sharing (step, timestamp) with distinct keys:
-        # what mlflow.log_metrics sends is one such run
-        group: dict[str, Any] = {}
-        stamp: tuple[int, int] | None = None
-        for m in metrics:
-            here = (m.step, m.timestamp)
-            if here != stamp or m.key in group:
-                if group and stamp is not None:
-                    run.log_metrics(group, stamp[0], stamp[1])
-                group, stamp = {}, here
-            group[m.key] = m.value
-        if group and stamp is not None:
-            run.log_metrics(group, stamp[0], stamp[1])
-        for m in metrics:
-            written.remember_metric(m, _metric_value(m.value))
 
     def log_metric(self, run_id: str, metric: Metric) -> None:
         self.log_batch(run_id, [metric], [], [])
