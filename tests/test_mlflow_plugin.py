@@ -28,8 +28,8 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking._tracking_service import utils as tracking_utils  # noqa: E402
 
-from steplog.sinks.mlruns import default_user  # noqa: E402
 from steplog._mlflow_store import SteplogFileStore, SteplogRestStore, split_uri  # noqa: E402
+from steplog.sinks.mlruns import default_user  # noqa: E402
 
 CHILD = Path(__file__).parent / "_children" / "mlflow_dropin.py"
 SCHEMES = ("steplog", "steplog+file", "steplog+http", "steplog+https")
@@ -269,9 +269,9 @@ def test_get_run_of_a_run_being_written_matches_mlflows_reader_without_io(tmp_pa
         store.flush_runs()
         with_mlflows_reader = MlflowClient((tmp_path / "mlruns").as_uri()).get_run(run.info.run_id)
     assert with_mlflows_reader.info.to_proto() == cached.info.to_proto()
-    assert sorted((m.key, m.step, m.timestamp, bits(m.value), m.run_id) for m in with_mlflows_reader.data._metric_objs) == sorted(
-        (m.key, m.step, m.timestamp, bits(m.value), m.run_id) for m in cached.data._metric_objs
-    )
+    assert sorted(
+        (m.key, m.step, m.timestamp, bits(m.value), m.run_id) for m in with_mlflows_reader.data._metric_objs
+    ) == sorted((m.key, m.step, m.timestamp, bits(m.value), m.run_id) for m in cached.data._metric_objs)
     assert with_mlflows_reader.data.params == cached.data.params
     assert with_mlflows_reader.data.tags == cached.data.tags
     assert with_mlflows_reader.inputs.to_proto() == cached.inputs.to_proto()
@@ -349,8 +349,10 @@ def test_reads_flush_first_and_only_when_something_is_pending(tmp_path: Path) ->
     ids=["key", "value", "param-changed", "param-key", "tag-key"],
 )
 @pytest.mark.parametrize("plugin", [False, True], ids=["plain", "steplog"])
-def test_bad_input_raises_mlflows_invalid_parameter_value(tmp_path: Path, call: Callable[[], None], plugin: bool) -> None:
-    """What plain MLflow refuses with INVALID_PARAMETER_VALUE, the plugin refuses the same way (no steplog type leaks)."""
+def test_bad_input_raises_mlflows_invalid_parameter_value(
+    tmp_path: Path, call: Callable[[], None], plugin: bool
+) -> None:
+    """What plain MLflow refuses with INVALID_PARAMETER_VALUE, the plugin refuses the same way (no steplog type)."""
     uri = (tmp_path / "mlruns").as_uri()
     mlflow.set_tracking_uri(f"steplog+{uri}" if plugin else uri)
     with mlflow.start_run():
@@ -362,7 +364,7 @@ def test_bad_input_raises_mlflows_invalid_parameter_value(tmp_path: Path, call: 
 
 
 def test_end_run_status_and_later_writes(tmp_path: Path) -> None:
-    """end_run(status) ends the steplog run with that status; MLflow may still log to the ended run, as without steplog."""
+    """end_run(status) ends the steplog run with that status; MLflow may still log to the ended run, as usual."""
     root = (tmp_path / "mlruns").as_uri()
     mlflow.set_tracking_uri(f"steplog+{root}")
     run = mlflow.start_run()
@@ -431,7 +433,8 @@ def test_sklearn_autolog_writes_what_plain_mlflow_writes(tmp_path: Path) -> None
     assert plain.data.params == plugin.data.params
     assert {k: bits(v) for k, v in plain.data.metrics.items()} == {k: bits(v) for k, v in plugin.data.metrics.items()}
     assert plain.data.tags == plugin.data.tags
-    assert len(plain.inputs.dataset_inputs) == len(plugin.inputs.dataset_inputs) > 0  # log_inputs went to MLflow's store
+    # the dataset went through log_inputs to MLflow's own store
+    assert len(plain.inputs.dataset_inputs) == len(plugin.inputs.dataset_inputs) > 0
     assert plain.info.status == plugin.info.status
 
 

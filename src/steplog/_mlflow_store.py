@@ -84,10 +84,8 @@ def split_uri(store_uri: str) -> tuple[str, str]:
         return "rest", f"{inner}:{rest}"
     from mlflow.utils.file_utils import local_file_uri_to_path
 
-    if inner == "file":
-        path = local_file_uri_to_path(f"file:{rest}") if rest else ""
-    else:
-        path = rest or "mlruns"  # bare steplog: is ./mlruns, as steplog.start_run's default
+    # bare steplog: is ./mlruns, as steplog.start_run's default
+    path = (local_file_uri_to_path(f"file:{rest}") if rest else "") if inner == "file" else rest or "mlruns"
     if not path:
         raise MlflowException(
             f"tracking URI {store_uri!r} names no folder: use steplog+file:///abs/mlruns or steplog+file:mlruns",
@@ -241,10 +239,7 @@ class _Written:
 
 def _plain(metrics: Sequence[Metric]) -> bool:
     """True when no metric is linked to a logged model or a dataset (those go to MLflow's store)."""
-    for m in metrics:
-        if m.model_id is not None or m.dataset_name is not None:
-            return False
-    return True
+    return all(m.model_id is None and m.dataset_name is None for m in metrics)
 
 
 def _log_metrics(written: _Written, metrics: Sequence[Metric]) -> None:
@@ -385,7 +380,9 @@ class _SteplogStoreMixin:
 
     # ------------------------------------------------------------------ buffered writes
 
-    def log_batch(self, run_id: str, metrics: Sequence[Metric], params: Sequence[Param], tags: Sequence[RunTag]) -> None:
+    def log_batch(
+        self, run_id: str, metrics: Sequence[Metric], params: Sequence[Param], tags: Sequence[RunTag]
+    ) -> None:
         written = self._written.get(run_id)
         if written is None or written.run.closed or not _plain(metrics):
             # a run this store does not write, or metrics linked to a model or dataset (kept elsewhere)
@@ -498,7 +495,7 @@ class _SteplogStoreMixin:
         self._flush_all()
 
 
-class SteplogFileStore(_SteplogStoreMixin, FileStore):  # type: ignore[misc]
+class SteplogFileStore(_SteplogStoreMixin, FileStore):
     """MLflow's file store, with the writes of the runs it creates going through steplog."""
 
     def __init__(self, target: str, root_uri: str, artifact_root_uri: str) -> None:
