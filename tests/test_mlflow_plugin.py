@@ -207,7 +207,7 @@ def test_entry_points_name_the_builders() -> None:
     assert "mlflow>=3.17,<3.18" in project["optional-dependencies"]["mlflow"]
 
 
-def test_installed_entry_points_reach_mlflow() -> None:
+def test_installed_entry_points_reach_mlflow(tmp_path: Path) -> None:
     """Where steplog is installed with its entry points, MLflow builds steplog's store by itself (no registration)."""
     from importlib.metadata import entry_points
 
@@ -219,7 +219,7 @@ def test_installed_entry_points_reach_mlflow() -> None:
         "print(type(u._get_store(sys.argv[1])).__name__, type(u._get_store(sys.argv[2])).__name__)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, "steplog+file:///nonexistent-dir/x", "steplog+http://127.0.0.1:1"],
+        [sys.executable, "-c", code, f"steplog+{(tmp_path / 'mlruns').as_uri()}", "steplog+http://127.0.0.1:1"],
         capture_output=True,
         text=True,
         check=True,
@@ -245,6 +245,7 @@ def test_fluent_and_client_code_writes_what_plain_mlflow_writes(tmp_path: Path) 
 
 def test_get_run_of_a_run_being_written_matches_mlflows_reader_without_io(tmp_path: Path) -> None:
     """get_run is answered from memory, and equals what MLflow's FileStore reads once everything is written."""
+    np = pytest.importorskip("numpy")
     uri = f"steplog+{(tmp_path / 'mlruns').as_uri()}"
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_name="r") as run:
@@ -252,6 +253,9 @@ def test_get_run_of_a_run_being_written_matches_mlflows_reader_without_io(tmp_pa
         mlflow.set_tags({"t": "v", "mlflow.runName": "renamed"})
         for step, value in enumerate(VALUES):
             mlflow.log_metrics({"v": value, "w": -value}, step=step % 3, timestamp=T0 + step)
+        # a write steplog does not buffer (MLflow's store writes it), read back once: get_run stays in memory
+        mlflow.log_input(mlflow.data.from_numpy(np.arange(6.0).reshape(3, 2), name="train"), context="training")
+        mlflow.log_metric("after_input", 1.5, step=7, timestamp=T0)
         store = store_for(uri)
         touched: list[str] = []
         real_info = SteplogFileStore._get_run_info
@@ -407,6 +411,29 @@ def test_logging_from_inside_an_event_loop_starts_the_run(tmp_path: Path) -> Non
     assert ("FINISHED", {"loss": 0.5}) == (read.info.status, read.data.metrics)
 
 
+def test_bare_scheme_writes_mlruns_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLFLOW_TRACKING_URI=steplog: writes ./mlruns, as steplog.start_run() does by default."""
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri("steplog:")
+    with mlflow.start_run() as run:
+        mlflow.log_metric("loss", 0.25, step=3)
+    read = MlflowClient((tmp_path / "mlruns").as_uri()).get_run(run.info.run_id)
+    assert {"loss": 0.25} == read.data.metrics
+
+
+def test_deleting_a_run_being_written_stays_deleted(tmp_path: Path) -> None:
+    """delete_run of an open run keeps what was logged and is not undone when the run ends (it ends KILLED)."""
+    root = (tmp_path / "mlruns").as_uri()
+    client = MlflowClient(f"steplog+{root}")
+    run_id = client.create_run("0").info.run_id
+    client.log_metric(run_id, "loss", 1.0, step=0)
+    client.delete_run(run_id)
+    with pytest.raises(MlflowException):
+        client.log_metric(run_id, "loss", 2.0, step=1)  # as plain MLflow: a deleted run takes no more writes
+    read = MlflowClient(root).get_run(run_id)
+    assert ("deleted", "KILLED", {"loss": 1.0}) == (read.info.lifecycle_stage, read.info.status, read.data.metrics)
+
+
 @pytest.mark.slow
 def test_sklearn_autolog_writes_what_plain_mlflow_writes(tmp_path: Path) -> None:
     """mlflow.sklearn.autolog() with a small model logs the same params, metrics and tags through the plugin."""
@@ -467,6 +494,20 @@ def test_process_endings_close_the_run_as_steplog_does(tmp_path: Path, ending: s
     run = client.get_run(run_id)
     assert (status, True) == (run.info.status, run.info.end_time is not None)
     assert {"lr": "0.001", "layers": "3"} == run.data.params
+    for key in ("loss", "acc", "lr"):
+        assert list(range(200)) == [m.step for m in client.get_metric_history(run_id, key)]
+
+
+@pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.parametrize(("ending", "status", "rc"), [("crash", "FAILED", 1), ("sigterm", "KILLED", -signal.SIGTERM)])
+def test_process_endings_on_a_server(mlflow_server: Any, ending: str, status: str, rc: int) -> None:
+    """Through steplog+http:, a crash and SIGTERM also leave every point on the server and the run ended."""
+    code, run_id = run_child(f"steplog+{mlflow_server.url}", ending)
+    assert rc == code
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(run_id)
+    assert (status, True) == (run.info.status, run.info.end_time is not None)
     for key in ("loss", "acc", "lr"):
         assert list(range(200)) == [m.step for m in client.get_metric_history(run_id, key)]
 

@@ -177,7 +177,7 @@ def _mlflow_errors() -> Iterator[None]:
 class _Written:
     """One run this store writes: the steplog run and what MLflow's ``get_run`` would read back."""
 
-    __slots__ = ("current", "flushed", "info", "latest", "params", "run", "tags", "writes")
+    __slots__ = ("current", "flushed", "info", "inputs", "latest", "outputs", "params", "run", "tags", "writes")
 
     def __init__(self, run: steplog.Run, base: Run) -> None:
         self.run = run
@@ -188,9 +188,26 @@ class _Written:
         }
         self.params: dict[str, str] = dict(base.data.params)
         self.tags: dict[str, str] = dict(base.data.tags)
+        self.inputs: RunInputs | None = base.inputs
+        self.outputs: RunOutputs | None = base.outputs
         self.writes = 0  # write calls so far; a read flushes only when this moved since the last flush
         self.flushed = 0
-        self.current = True  # False once a write went around steplog (inputs, outputs): read the destination
+        self.current = True  # False when the store may not know all the destination holds: read it
+
+    def refresh(self, base: Run) -> None:
+        """Take what the destination knows after a write that went around steplog (inputs, outputs, tags, ...)."""
+        self.info = base.info
+        self.tags = dict(base.data.tags)
+        self.params.update(base.data.params)
+        latest = self.latest
+        for m in base.data._metric_objs:  # points MLflow's store wrote itself (metrics linked to a model)
+            point = (m.step, m.timestamp, m.value)
+            old = latest.get(m.key)
+            if old is None or point > old:
+                latest[m.key] = point
+        self.inputs = base.inputs
+        self.outputs = base.outputs
+        self.current = True
 
     def remember_tags(self, tags: dict[str, str]) -> None:
         self.tags.update(tags)
@@ -232,8 +249,8 @@ class _Written:
                 params=[Param(k, v) for k, v in self.params.items()],
                 tags=[RunTag(k, v) for k, v in self.tags.items()],
             ),
-            RunInputs(dataset_inputs=[], model_inputs=[]),
-            RunOutputs(model_outputs=[]),
+            self.inputs,
+            self.outputs,
         )
 
 
@@ -322,12 +339,20 @@ class _SteplogStoreMixin:
                 self._flush(written)
 
     def _around(self, run_id: str, call: Callable[[], _T]) -> _T:
-        """Run a write that steplog cannot buffer through MLflow's store, after flushing the run."""
+        """Run a write that steplog cannot buffer through MLflow's store, after flushing the run.
+
+        For a run this store writes, what the write changed is read back once, so that
+        ``get_run`` keeps being answered from memory.
+        """
         written = self._open(run_id)
-        if written is not None:
-            self._flush(written)
-            written.current = False  # the destination now knows something the store does not
-        return call()
+        if written is None:
+            return call()
+        self._flush(written)
+        written.current = False  # until read back: the destination knows something the store does not
+        result = call()
+        with contextlib.suppress(MlflowException):
+            written.refresh(self._mlflow.get_run(run_id))
+        return result
 
     # ------------------------------------------------------------------ create
 
@@ -369,11 +394,16 @@ class _SteplogStoreMixin:
             )
             run.__enter__()  # started inside an event loop, a run waits for `async with`: start its thread now
         run_id = run.run_id
-        for key in _CREATION_TAGS:
-            if key not in wanted:
-                with contextlib.suppress(MlflowException):
-                    store.delete_tag(run_id, key)
-        written = _Written(run, store.get_run(run_id))
+        try:
+            for key in _CREATION_TAGS:
+                if key not in wanted:
+                    with contextlib.suppress(MlflowException):
+                        store.delete_tag(run_id, key)
+            written = _Written(run, store.get_run(run_id))
+        except BaseException:
+            with contextlib.suppress(StepLogError):
+                run.close("FAILED")  # the caller gets the error and no run: do not leave one open until exit
+            raise
         with self._lock:
             self._written[run_id] = written
         return written.as_run()
@@ -465,11 +495,7 @@ class _SteplogStoreMixin:
     # ------------------------------------------------------------------ writes steplog cannot buffer
 
     def delete_tag(self, run_id: str, key: str) -> None:
-        written = self._open(run_id)
         self._around(run_id, lambda: self._mlflow.delete_tag(run_id, key))
-        if written is not None:
-            written.tags.pop(key, None)
-            written.current = True  # the delete is all that changed: the store still knows the run
 
     def log_inputs(self, run_id: str, *args: Any, **kwargs: Any) -> Any:
         return self._around(run_id, lambda: self._mlflow.log_inputs(run_id, *args, **kwargs))
