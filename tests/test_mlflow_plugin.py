@@ -383,6 +383,22 @@ def test_end_run_status_and_later_writes(tmp_path: Path) -> None:
     assert read.info.end_time is not None
 
 
+def test_resuming_a_run_writes_through_mlflows_store(tmp_path: Path) -> None:
+    """mlflow.start_run(run_id=...) of an existing run works: MLflow's own store writes it (no steplog resume yet)."""
+    root = (tmp_path / "mlruns").as_uri()
+    mlflow.set_tracking_uri(root)
+    with mlflow.start_run() as first:
+        mlflow.log_metric("loss", 1.0, step=0)
+    mlflow.set_tracking_uri(f"steplog+{root}")
+    with mlflow.start_run(run_id=first.info.run_id):
+        mlflow.log_metric("loss", 0.5, step=1)
+        mlflow.log_param("resumed", "yes")
+    client = MlflowClient(root)
+    read = client.get_run(first.info.run_id)
+    assert ("FINISHED", {"resumed": "yes"}) == (read.info.status, read.data.params)
+    assert [(0, 1.0), (1, 0.5)] == [(m.step, m.value) for m in client.get_metric_history(first.info.run_id, "loss")]
+
+
 def test_async_logging_goes_through_the_plugin(tmp_path: Path) -> None:
     """mlflow.log_metric(synchronous=False) reaches the same run (MLflow's own queue calls the store's log_batch)."""
     uri = f"steplog+{(tmp_path / 'mlruns').as_uri()}"

@@ -21,8 +21,19 @@ import mlflow
 STEPS = 200
 
 
+def register_plugin() -> None:
+    """Make steplog's schemes known where steplog was installed before its entry points existed."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from steplog._mlflow_plugin import tracking_store
+
+    for scheme in ("steplog", "steplog+file", "steplog+http", "steplog+https"):
+        _tracking_store_registry._registry.setdefault(scheme, tracking_store)
+
+
 def main() -> None:
     uri, ending = sys.argv[1], sys.argv[2]
+    register_plugin()
     mlflow.set_tracking_uri(uri)
     if uri.startswith("steplog"):
         from mlflow.tracking._tracking_service.utils import _get_store
