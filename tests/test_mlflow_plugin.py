@@ -481,6 +481,144 @@ def test_sklearn_autolog_writes_what_plain_mlflow_writes(tmp_path: Path) -> None
     assert plain.info.status == plugin.info.status
 
 
+def history_bits(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, bytes]]]:
+    """Every metric history of a run as (step, value bits), timestamps left out (they are the time of the call).
+
+    A point identical to the one before it (same step, timestamp and value) counts once: steplog
+    writes such a repeat once (so ``mlflow migrate-filestore`` accepts the store), MLflow twice.
+    """
+    run = client.get_run(run_id)
+    out: dict[str, list[tuple[int, bytes]]] = {}
+    for key in run.data.metrics:
+        points = [(m.step, m.timestamp, bits(m.value)) for m in client.get_metric_history(run_id, key)]
+        kept = [p for i, p in enumerate(points) if i == 0 or p != points[i - 1]]
+        out[key] = [(step, value) for step, _ts, value in kept]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # Lightning's own use of torch's deprecated pytree names
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on dataloader workers
+def test_lightning_mlflow_logger_writes_what_plain_mlflow_writes(tmp_path: Path) -> None:
+    """Lightning's own MLFlowLogger (MlflowClient underneath) pointed at steplog+file: logs the same run."""
+    pl = pytest.importorskip("lightning.pytorch")
+    torch = pytest.importorskip("torch")
+    from lightning.pytorch.loggers import MLFlowLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(pl.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.save_hyperparameters({"lr": 0.05, "width": 2, "nested": {"a": 1}})
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch: Any, index: int) -> Any:
+            x, y = batch
+            loss = ((self.layer(x) - y) ** 2).mean()
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def fit(uri: str) -> str:
+        torch.manual_seed(0)
+        x = torch.randn(16, 2)
+        data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=4)
+        logger = MLFlowLogger(experiment_name="lightning", tracking_uri=uri, run_name="fit")
+        trainer = pl.Trainer(
+            max_epochs=2,
+            logger=logger,
+            log_every_n_steps=1,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
+        trainer.fit(Tiny(), data)
+        return str(logger.run_id)
+
+    plain_uri = (tmp_path / "plain").as_uri()
+    plain_id = fit(plain_uri)
+    plugin_id = fit(f"steplog+{(tmp_path / 'plugin').as_uri()}")
+    plain_client, plugin_client = MlflowClient(plain_uri), MlflowClient((tmp_path / "plugin").as_uri())
+    plain, plugin = plain_client.get_run(plain_id), plugin_client.get_run(plugin_id)
+    assert (plain.info.status, plain.data.params, plain.data.tags) == (
+        plugin.info.status,
+        plugin.data.params,
+        plugin.data.tags,
+    )
+    assert history_bits(plain_client, plain_id) == history_bits(plugin_client, plugin_id)
+    assert 8 == len(history_bits(plugin_client, plugin_id)["train_loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' and torch's own deprecations
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_transformers_mlflow_callback_writes_what_plain_mlflow_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF's own MLflowCallback (fluent API, MLFLOW_TRACKING_URI) pointed at steplog+file: logs the same run."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("accelerate")
+
+    class Data(torch.utils.data.Dataset):  # type: ignore[misc]
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            ids = torch.tensor([(i + j) % 10 for j in range(4)])
+            return {"input_ids": ids, "attention_mask": torch.ones(4, dtype=torch.long), "labels": torch.tensor(i % 2)}
+
+    def train(uri: str, out: Path) -> str:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf")
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8
+        )
+        args = transformers.TrainingArguments(
+            output_dir=str(out),
+            run_name="hf",
+            max_steps=4,
+            per_device_train_batch_size=2,
+            logging_steps=1,
+            report_to=["mlflow"],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+        )
+        trainer = transformers.Trainer(
+            model=transformers.BertForSequenceClassification(config), args=args, train_dataset=Data()
+        )
+        trainer.train()
+        run = mlflow.last_active_run()
+        assert run is not None
+        return str(run.info.run_id)
+
+    plain_uri = (tmp_path / "plain").as_uri()
+    plain_id = train(plain_uri, tmp_path / "out")
+    plugin_id = train(f"steplog+{(tmp_path / 'plugin').as_uri()}", tmp_path / "out")
+    plain_client, plugin_client = MlflowClient(plain_uri), MlflowClient((tmp_path / "plugin").as_uri())
+    plain, plugin = plain_client.get_run(plain_id), plugin_client.get_run(plugin_id)
+    assert (plain.info.status, plain.data.params, plain.data.tags) == (
+        plugin.info.status,
+        plugin.data.params,
+        plugin.data.tags,
+    )
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    plain_hist = {k: v for k, v in history_bits(plain_client, plain_id).items() if k not in timing}
+    plugin_hist = history_bits(plugin_client, plugin_id)
+    assert set(timing) <= set(plugin_hist)
+    assert plain_hist == {k: v for k, v in plugin_hist.items() if k not in timing}
+    assert 4 == len(plugin_hist["loss"])
+
+
 # ---------------------------------------------------------------------------- how a process ends
 
 
