@@ -149,7 +149,9 @@ def run(mode: str, out: Path | None, *, chart: bool = True, with_profile: bool =
         {"name": name, **{key: c.summary(values) for key, values in figures.items()}}
         for name, figures in samples.items()
     ]
-    med = {row["name"]: {k: v["median"] for k, v in row.items() if k != "name"} for row in rows}
+    med = {
+        name: {key: c.summary(values)["median"] for key, values in figures.items()} for name, figures in samples.items()
+    }
     targets = []
     for suffix in ("", " + registry URI"):
         for what in ("log_metric", "log_metrics"):

@@ -1,6 +1,6 @@
 """A child for the MLflow drop-in's exit tests: unchanged MLflow code, ended in different ways.
 
-Usage: ``mlflow_dropin.py <tracking_uri> <ending>``
+Usage: ``mlflow_endings.py <tracking_uri> <ending>``
 
 Logs params, a tag and ``STEPS`` steps of two metrics with the fluent API, then ends by
 ``ending``: ``end_run`` (``mlflow.end_run("KILLED")``), ``exit`` (falls off the end: MLflow's
