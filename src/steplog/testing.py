@@ -52,22 +52,18 @@ class MemorySink:
 
     def write_sync(self, batch: Batch) -> None:
         self.writes += 1
-        for key, items in batch.metrics:
-            if ("metric", key) in batch.done:
-                continue
-            points = self.metrics.setdefault(key, [])
-            for i in range(0, len(items), 3):
-                points.append(MetricPoint(step=items[i + 2], value=float(items[i + 1]), timestamp=items[i]))
-            batch.done.add(("metric", key))
-        for key, text in batch.params:
+        for column in batch.metric_columns():
+            self.metrics.setdefault(column.key, []).extend(column.points())
+            batch.mark_done("metric", column.key)
+        for key, text in batch.pending_params():
             self.params[key] = text
-            batch.done.add(("param", key))
-        for key, text in batch.tags:
+            batch.mark_done("param", key)
+        for key, text in batch.pending_tags():
             self.tags[key] = text
-            batch.done.add(("tag", key))
-        for record in batch.artifacts:
+            batch.mark_done("tag", key)
+        for record in batch.pending_artifacts():
             self.artifacts[record.artifact_path] = record
-            batch.done.add(("artifact", record.artifact_path))
+            batch.mark_done("artifact", record.artifact_path)
 
     async def close(self, status: RunStatus, end_time: int) -> None:
         self.close_sync(status, end_time)
