@@ -384,15 +384,15 @@ class Writer:
                 event.set()  # the barrier now waits on the sinks themselves (see barrier())
             if not self._stopping:
                 continue
-            if not self._has_work():
-                if sealed:
-                    break
+            if not sealed:
                 # close: refuse new calls, then give a call already past the hot path's room check
-                # the interpreter lock once, so that its append lands before the last drain
+                # the interpreter lock, so that its append lands before the drains that follow
                 sealed = True
                 buffer.seal("the run is closing: start a new run to log more")
                 await anyio.sleep(2 * sys.getswitchinterval())
                 continue
+            if not self._has_work():
+                break
             # wait for the sinks (they retry on their own backoff) or for something new
             with anyio.move_on_after(0.05):
                 await self._wake_event.wait()
