@@ -280,7 +280,15 @@ class Buffer:
         col = self._column(key)
         if value.__class__ is not float:
             hook = self._value_hook
-            value = to_value(key, value) if hook is None else hook(key, value)
+            try:
+                value = to_value(key, value) if hook is None else hook(key, value)
+            except StepLogError:
+                raise
+            except Exception as exc:  # np.timedelta64, a meta tensor, a __float__ that raises: the user's value
+                raise InvalidValueError(
+                    f"metric {key!r}: a value of type {type(value).__name__} is not allowed: it cannot be read "
+                    f"as a real number ({type(exc).__name__}: {exc})"
+                ) from exc
         return col, value
 
     def _log_slow(self, key: Any, value: Any, step: Any, timestamp: Any) -> None:
@@ -310,7 +318,11 @@ class Buffer:
             self._boundary(step)
         stamp = self._ts if ts is None else ts
         if self._on_full == "raise" and any(len(col) >= self._cap for col, _v in prepared):
-            self._make_room(prepared[0][0])  # raises if the buffer is full: before any key is queued
+            # all or nothing: refuse now if some key would meet a full buffer once the keys before it are in
+            queued = self.queued()
+            for i, (col, _value) in enumerate(prepared):
+                if len(col) >= self._cap and queued + i >= self._max_buffer:
+                    raise self._full_error()  # before any key is queued
         for col, value in prepared:
             if len(col) >= self._cap and not self._make_room(col, partial=True):
                 continue
@@ -326,7 +338,7 @@ class Buffer:
         """
         items = iter(metrics.items())
         first = True
-        for key, value in items:
+        for key, _value in items:
             if key == missed:
                 break
             first = False
@@ -376,10 +388,7 @@ class Buffer:
         if self._on_full == "raise":
             if partial:
                 return True
-            raise BufferFullError(
-                f"the buffer is full ({self._max_buffer} records): the writer is behind or stalled. "
-                "Raise max_buffer, log less often, or use on_full='block' or 'drop'"
-            )
+            raise self._full_error()
         if self.loop_thread == threading.get_ident():
             raise BufferFullError(
                 f"the buffer is full ({self._max_buffer} records) and waiting here would block the event loop "
@@ -393,6 +402,12 @@ class Buffer:
                     raise BufferFullError(f"the buffer is full ({self._max_buffer} records) and the writer has stopped")
                 self._drained.wait(0.05)
         return True
+
+    def _full_error(self) -> BufferFullError:
+        return BufferFullError(
+            f"the buffer is full ({self._max_buffer} records): the writer is behind or stalled. "
+            "Raise max_buffer, log less often, or use on_full='block' or 'drop'"
+        )
 
     # ------------------------------------------------------------------ params, tags, artifacts
 

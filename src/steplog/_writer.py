@@ -455,7 +455,13 @@ class Writer:
         points = sum(len(items) for _k, items in metrics) // 3
         self._seq += 1
         return _Work(
-            seq=self._seq, batches=batches, metrics=metrics, points=points, params=len(params), oldest_ms=oldest, waiting=len(batches)
+            seq=self._seq,
+            batches=batches,
+            metrics=metrics,
+            points=points,
+            params=len(params),
+            oldest_ms=oldest,
+            waiting=len(batches),
         )
 
     # ------------------------------------------------------------------ one sink's task
