@@ -9,7 +9,9 @@ import errno
 import os
 import threading
 import time
+from typing import Any
 
+import anyio
 import pytest
 
 import steplog
@@ -17,7 +19,8 @@ from _sinks import WAIT, GateSink
 from steplog import BufferFullError, RunStateError, WriteError
 from steplog import _writer as writer_module
 from steplog.testing import MemorySink
-from steplog.typing import Batch, PermanentWriteError
+from steplog import RunInfo, RunStatus
+from steplog.typing import Batch, PermanentWriteError, RunRequest
 
 
 class RefusingSink(MemorySink):
@@ -215,3 +218,29 @@ def test_the_switch_interval_lock_is_fresh_in_a_forked_child() -> None:
         lock.release()
     _pid, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
+
+
+class SyncMemorySink(MemorySink):
+    """A MemorySink with plain (sync) methods only, as a user's SyncSink has."""
+
+    def open(self, request: RunRequest) -> RunInfo:  # type: ignore[override]
+        return anyio.run(MemorySink.open, self, request)
+
+    write = MemorySink.write_sync  # type: ignore[assignment]
+    close = MemorySink.close_sync  # type: ignore[assignment]
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("write_sync", "close_sync"):  # a SyncSink has no emergency twins
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_a_sync_sink_is_written_at_an_emergency_close() -> None:
+    """Without write_sync/close_sync, a sync sink's own write/close serve the emergency path (no event loop)."""
+    sink = SyncMemorySink()
+    run = steplog.start_run("custom", sinks=[sink], flush_interval=60.0)
+    run.log_metric("x", 2.0, step=0)
+    run._writer.emergency_flush(RunStatus.KILLED, int(time.time() * 1000), timeout=5.0)
+    assert sink.values("x") == [2.0]
+    assert sink.status == RunStatus.KILLED
+    run.close()
