@@ -16,10 +16,9 @@ import pytest
 
 import steplog
 from _sinks import WAIT, GateSink
-from steplog import BufferFullError, RunStateError, WriteError
+from steplog import BufferFullError, RunInfo, RunStateError, RunStatus, WriteError
 from steplog import _writer as writer_module
 from steplog.testing import MemorySink
-from steplog import RunInfo, RunStatus
 from steplog.typing import Batch, PermanentWriteError, RunRequest
 
 
