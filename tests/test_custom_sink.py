@@ -52,13 +52,13 @@ class CsvSink:
                 for step, value, ts in zip(column.steps, column.values, column.timestamps, strict=True):
                     out.writerow([column.key, step, repr(value), ts])
                 batch.mark_done("metric", column.key)
-        for key, value in batch.pending_params():
+        for key, text in batch.pending_params():
             if "/" in key:
                 raise PermanentWriteError(f"param {key!r}: this sink has no folders", entry=("param", key))
-            self._append("params.csv", [key, value])
+            self._append("params.csv", [key, text])
             batch.mark_done("param", key)
-        for key, value in batch.pending_tags():
-            self._append("tags.csv", [key, value])
+        for key, text in batch.pending_tags():
+            self._append("tags.csv", [key, text])
             batch.mark_done("tag", key)
         for record in batch.pending_artifacts():
             batch.mark_done("artifact", record.artifact_path)
@@ -117,3 +117,9 @@ def test_a_sinks_permanent_refusal_loses_only_that_entry(tmp_path: Path) -> None
             run.flush()
     assert sink.rows("params.csv") == [["a", "1"], ["c", "3"]]
     assert [r[0] for r in sink.rows("metrics.csv")] == ["x"]
+
+
+def test_a_run_without_any_sink_is_refused_clearly() -> None:
+    """start_run(sinks=[]) raises a typed error saying a run needs a sink (it was a raw IndexError)."""
+    with pytest.raises(steplog.InvalidValueError, match="at least one sink"):
+        steplog.start_run("nowhere", sinks=[])

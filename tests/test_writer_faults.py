@@ -243,3 +243,41 @@ def test_a_sync_sink_is_written_at_an_emergency_close() -> None:
     assert sink.values("x") == [2.0]
     assert sink.status == RunStatus.KILLED
     run.close()
+
+
+def test_the_writer_and_buffer_interface_the_run_uses() -> None:
+    """pending, last_error, raise_if_unwritten, lost; attach_writer sets what the buffer reads; check_usable."""
+    from steplog._buffer import Buffer
+    from steplog._writer import Writer
+
+    buffer = Buffer()
+    woken: list[int] = []
+    buffer.attach_writer(wake=lambda: woken.append(1), alive=lambda: False, loop_thread=1234)
+    assert buffer.loop_thread == 1234
+    assert buffer.writer_alive() is False
+    buffer.wake()
+    assert woken == [1]
+    buffer.check_usable()
+    buffer.close("closed for the test")
+    with pytest.raises(RunStateError, match="closed for the test"):
+        buffer.check_usable()
+
+    class Full(MemorySink):
+        def write_sync(self, batch: Batch) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    run = steplog.start_run("iface", sinks=[Full()], flush_interval=60.0, close_timeout=0.2)
+    writer: Writer = run._writer
+    assert not writer.pending
+    assert writer.last_error is None
+    run.log_metric("x", 1.0)
+    with pytest.raises(WriteError):
+        run.flush()
+    assert writer.pending
+    assert isinstance(writer.last_error, OSError)
+    with pytest.raises(WriteError, match="No space left") as caught:
+        writer.raise_if_unwritten()
+    assert caught.value.errno == errno.ENOSPC
+    assert writer.lost == 0
+    with pytest.raises(WriteError):
+        run.close()

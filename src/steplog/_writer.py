@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import FlushTimeoutError, WriteError
+from ._errors import FlushTimeoutError, InvalidValueError, WriteError
 from ._records import ArtifactRecord, RunInfo, RunStatus, Stats
 from .typing import Batch, PermanentWriteError, RunRequest, Sink, SyncSink
 
@@ -246,6 +246,11 @@ class Writer:
         flush_interval: float,
         sink_timeout: float | None = None,
     ) -> None:
+        if not sinks:
+            raise InvalidValueError(
+                "a run needs at least one sink: pass tracking_uri=..., or sinks=[...] with at least one "
+                "(for a run kept in memory: sinks=[steplog.testing.MemorySink()])"
+            )
         self._buffer = buffer
         self._sinks = list(sinks)
         self._lanes = [_Lane(i, sink) for i, sink in enumerate(self._sinks)]

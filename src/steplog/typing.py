@@ -44,7 +44,7 @@ The first sink's :class:`~steplog.RunInfo` is the run's identity; the others get
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ._errors import WriteError
@@ -195,21 +195,21 @@ class Batch:
 class Sink(Protocol):
     """A destination for a run's data (the local mlruns store, an MLflow server, memory).
 
-    The methods may be ``async def`` (awaited in the writer's loop) or plain (run in a worker
-    thread; see :class:`SyncSink`). ``write_sync``/``close_sync`` are optional: the
-    emergency path without an event loop (see the module docstring). ``bytes_written``
-    (an ``int`` attribute) is optional too.
+    Each method may be ``async def`` (awaited in the writer's loop) or plain (run in a
+    worker thread; see :class:`SyncSink`): both kinds satisfy this protocol.
+    ``write_sync``/``close_sync`` are optional: the emergency path without an event loop
+    (see the module docstring). ``bytes_written`` (an ``int`` attribute) is optional too.
     """
 
-    async def open(self, request: RunRequest) -> RunInfo:
+    def open(self, request: RunRequest) -> Awaitable[RunInfo] | RunInfo:
         """Create (or join, when ``request.run_id`` is set) the run; return its identity."""
         ...
 
-    async def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch) -> Awaitable[None] | None:
         """Write the batch, marking each finished entry with ``batch.mark_done``; raise on failure."""
         ...
 
-    async def close(self, status: RunStatus, end_time: int) -> None:
+    def close(self, status: RunStatus, end_time: int) -> Awaitable[None] | None:
         """Record the run's final status and end time, and release resources."""
         ...
 
