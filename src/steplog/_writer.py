@@ -493,7 +493,8 @@ class Writer:
                 assert batch is not None
                 lane.busy_since = time.monotonic()
                 try:
-                    await lane.write(batch)
+                    with _eager_switching():  # the write's system calls hand the interpreter lock back and forth
+                        await lane.write(batch)
                 except Exception as exc:  # a sink's failure is data for the user, not a crash of the run
                     lane.busy_since = None
                     self._failed(lane, work, batch, exc)
