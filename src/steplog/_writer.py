@@ -488,24 +488,28 @@ class Writer:
                     lane.wake_event = anyio.Event()
                     continue
                 lane.force = False
-                work = lane.queue[0]
-                batch = work.batches[lane.index]
-                assert batch is not None
-                lane.busy_since = time.monotonic()
-                try:
-                    with _eager_switching():  # the write's system calls hand the interpreter lock back and forth
-                        await lane.write(batch)
-                except Exception as exc:  # a sink's failure is data for the user, not a crash of the run
-                    lane.busy_since = None
-                    self._failed(lane, work, batch, exc)
-                    if not is_permanent(exc):
-                        lane.backoff = min(max(lane.backoff * 2, self._interval), _MAX_BACKOFF)
-                        lane.retry_at = time.monotonic() + lane.backoff
-                else:
-                    lane.busy_since = None
-                    lane.backoff = 0.0
-                    self._settle(lane, work)
+                await self._attempt(lane)
                 self._signal_progress()
+
+    async def _attempt(self, lane: _Lane) -> None:
+        """One write of the sink's oldest slice (a method of its own: the slice is not kept alive by a waiting frame)."""
+        work = lane.queue[0]
+        batch = work.batches[lane.index]
+        assert batch is not None
+        lane.busy_since = time.monotonic()
+        try:
+            with _eager_switching():  # the write's system calls hand the interpreter lock back and forth
+                await lane.write(batch)
+        except Exception as exc:  # a sink's failure is data for the user, not a crash of the run
+            lane.busy_since = None
+            self._failed(lane, work, batch, exc)
+            if not is_permanent(exc):
+                lane.backoff = min(max(lane.backoff * 2, self._interval), _MAX_BACKOFF)
+                lane.retry_at = time.monotonic() + lane.backoff
+        else:
+            lane.busy_since = None
+            lane.backoff = 0.0
+            self._settle(lane, work)
 
     def _failed(self, lane: _Lane, work: _Work, batch: Batch, exc: Exception) -> None:
         """Count a failed write; a permanent failure gives up the one entry it concerns."""
