@@ -492,7 +492,7 @@ class Writer:
                 self._signal_progress()
 
     async def _attempt(self, lane: _Lane) -> None:
-        """One write of the sink's oldest slice (a method of its own: the slice is not kept alive by a waiting frame)."""
+        """One write of the sink's oldest slice (its own frame: a waiting task keeps no slice alive)."""
         work = lane.queue[0]
         batch = work.batches[lane.index]
         assert batch is not None
