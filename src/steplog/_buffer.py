@@ -25,7 +25,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, SupportsIndex
 
 from ._errors import BufferFullError, InvalidKeyError, InvalidValueError, ParamChangedError, RunStateError, StepLogError
 from ._records import ArtifactRecord
@@ -186,7 +186,9 @@ class Buffer:
 
     # ------------------------------------------------------------------ hot path
 
-    def log_metric(self, key: str, value: Any, step: int | None = None, timestamp: int | None = None) -> None:
+    def log_metric(
+        self, key: str, value: Any, step: SupportsIndex | None = None, timestamp: SupportsIndex | None = None
+    ) -> None:
         """Queue one metric point; see :meth:`steplog.Run.log_metric`."""
         try:
             col = self._cols[key]
@@ -215,7 +217,9 @@ class Buffer:
                 return None
         return self._log_slow(key, value, step, timestamp)
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: SupportsIndex | None = None, timestamp: SupportsIndex | None = None
+    ) -> None:
         """Queue several points of one step; all or nothing (every item is checked first)."""
         if timestamp is None and self._cap > 0 and metrics.__class__ is dict:
             if step is None:
@@ -259,7 +263,35 @@ class Buffer:
         if self._closed_reason is not None:
             raise RunStateError(self._closed_reason)
 
-    _check_usable = check_usable  # old name, until the run uses the public one
+    def seed(self, *, params: Mapping[str, str], tags: Iterable[str], metric_keys: Iterable[str], step: int) -> None:
+        """Tell a resumed run's buffer what the run already holds, before anything is logged.
+
+        Params logged again must keep their value (ParamChangedError otherwise), existing keys still
+        clash with a file/folder twin, and ``step=None`` continues from ``step``.
+        """
+        with self._lock:
+            for key, text in params.items():
+                if key not in self._params:  # a param logged before the start (async code) is checked when written
+                    self._params[key] = text
+                    self._param_keys.add(key)
+            for key in tags:
+                self._tag_keys.add(key)
+            for key in metric_keys:
+                self._metric_keys.add(key)
+            if self._step == 0:  # unless steps were logged before the start: they are the newer ones
+                self._step = step
+
+    def log_side_metrics(self, metrics: Mapping[str, Any], step: int, timestamp: int) -> None:
+        """Queue points at ``step`` without moving the run's current step (system metrics' own counter).
+
+        Called from a sampler thread, never from the hot path; validated like any log call.
+        """
+        self.check_usable()
+        prepared = [self._prepare(key, value) for key, value in metrics.items()]
+        for col, value in prepared:
+            if len(col) >= self._cap and not self._make_room(col):
+                continue
+            col += (timestamp, value, step)
 
     def _column(self, key: Any) -> list[Any]:
         col = self._cols.get(key) if isinstance(key, str) else None
