@@ -23,17 +23,22 @@ import keras
 from ._common import Guard, RunHandle
 
 if TYPE_CHECKING:
+    from .._jobs import RanksMode
     from .._run import Run
 
 __all__ = ["SteplogCallback"]
 
 
 class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras ships no type hints
-    """A Keras callback logging one steplog run (rank zero only).
+    """A Keras callback logging one steplog run (by default from rank zero).
 
     Args:
         experiment: experiment name (default: ``MLFLOW_EXPERIMENT_NAME``, else "Default").
         run_name, tracking_uri, tags: as :func:`steplog.start_run`.
+        run_id: resume this run (default: ``STEPLOG_RUN_ID``, then ``MLFLOW_RUN_ID``); pass
+            ``initial_epoch`` to ``fit`` so the epochs go on where they stopped.
+        ranks: which processes write, as :func:`steplog.start_run`: ``"zero"`` (default), ``"each"``
+            or ``"off"``.
         log_every_n_steps: log batch metrics every this many batches (0: epoch metrics only).
         **options: :func:`steplog.start_run` options.
 
@@ -50,6 +55,8 @@ class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras 
         run_name: str | None = None,
         tracking_uri: str | os.PathLike[str] | None = None,
         tags: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        ranks: RanksMode | None = None,
         log_every_n_steps: int = 1,
         **options: Any,
     ) -> None:
@@ -66,6 +73,8 @@ class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras 
             run_name=run_name,
             tracking_uri=tracking_uri,
             tags=tags,
+            run_id=run_id,
+            ranks=ranks,
             options=options,
         )
         self._every = log_every_n_steps
