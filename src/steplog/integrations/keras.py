@@ -9,7 +9,9 @@ Keras to pick a backend). Example::
 
 Epoch metrics (``loss``, ``val_loss``, ...) are logged under their own names at ``step=epoch``
 (0-based, as MLflow's Keras callback does); batch metrics under ``batch/<name>`` at the global
-batch index (0-based, counted across epochs), every ``log_every_n_steps`` batches.
+batch index (0-based, counted across epochs: ``epoch * steps + batch`` when Keras knows the steps
+per epoch, so ``fit(..., initial_epoch=N)`` with ``run_id=`` continues the run's history), every
+``log_every_n_steps`` batches.
 """
 
 from __future__ import annotations
@@ -102,6 +104,13 @@ class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras 
                 params.update({f"optimizer_{k}": v for k, v in config.items()})
         params.update({k: v for k, v in (self.params or {}).items() if k in ("epochs", "steps", "batch_size")})
         handle.log_params(params)
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        # The global batch index is epoch * steps + batch when Keras knows the steps per epoch, so a
+        # fit resumed with initial_epoch (and run_id) goes on where the first one stopped.
+        steps = (self.params or {}).get("steps")
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+            self._batch = epoch * steps
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         step = self._batch
