@@ -106,7 +106,8 @@ def test_resume_by_run_id_with_initial_epoch_continues_the_history(store: Path, 
     run_id = callback.run.run_id
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", IntegrationWarning)
-        fit([second, SteplogCallback("keras", tracking_uri=store, run_id=run_id)], epochs=2 * EPOCHS, initial_epoch=EPOCHS)
+        resumed = SteplogCallback("keras", tracking_uri=store, run_id=run_id)
+        fit([second, resumed], epochs=2 * EPOCHS, initial_epoch=EPOCHS)
     messages = [str(w.message) for w in caught]
     assert any("param 'epochs' keeps its first value" in m for m in messages), messages  # 2 then 4
     run = only_run(mlflow_client)

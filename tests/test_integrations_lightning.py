@@ -223,7 +223,7 @@ def test_store_dir_names_the_store_and_default_checkpoints_stay_out_of_it(
 
 
 def test_bad_options_fail_before_training(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A mistyped option, a bad ranks, a garbled run id (argument or env) and an unidentifiable "each" job fail at construction."""
+    """A typo, a bad ranks, a garbled run id (argument or env) and an unidentifiable "each" job fail at construction."""
     with pytest.raises(TypeError, match="flush_intervall"):
         SteplogLogger(tracking_uri=store, flush_intervall=1.0)
     with pytest.raises(steplog.InvalidValueError, match="ranks"):
@@ -242,7 +242,7 @@ def test_bad_options_fail_before_training(store: Path, monkeypatch: pytest.Monke
 
 
 def test_resume_by_run_id_continues_the_same_run(store: Path, mlflow_client: Any, tmp_path: Path) -> None:
-    """A second fit from the first's checkpoint with SteplogLogger(run_id=...) adds its points to the same run, FINISHED."""
+    """A second fit from the first's checkpoint with SteplogLogger(run_id=...) adds its points to the same run."""
     first, second = Recorder(), Recorder()
     logger = SteplogLogger("resume", tracking_uri=store)
     fit1 = trainer(logger=[logger, first], tmp_path=tmp_path)
@@ -266,7 +266,7 @@ def test_resume_by_run_id_continues_the_same_run(store: Path, mlflow_client: Any
 def test_each_rank_writes_a_child_run_of_one_parent(
     store: Path, mlflow_client: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """With ranks="each" under a simulated 2-rank torchrun job, each rank's fit writes a child of one FINISHED parent."""
+    """With ranks="each" under a simulated 2-rank torchrun job, each rank's fit writes a child of one parent."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
     recorders = {}

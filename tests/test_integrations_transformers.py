@@ -231,7 +231,7 @@ def test_run_id_env_resumes_the_run_in_a_second_training(
 def test_trainer_process_index_counts_only_where_steplog_sees_no_launcher(
     store: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Without a launcher environment the Trainer's is_world_process_zero silences a process; ranks= or a launcher overrules it."""
+    """Without a launcher environment is_world_process_zero silences a process; ranks= or a launcher overrules it."""
     args = tiny_args(tmp_path / "out")
     not_zero = SimpleNamespace(is_world_process_zero=False, global_step=1)
     silent = SteplogCallback("bert", tracking_uri=store)
