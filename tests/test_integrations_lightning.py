@@ -324,6 +324,7 @@ def test_trainer_test_after_fit_resumes_the_finalized_run(store: Path, mlflow_cl
         assert logger.run.closed
         fitted.test(model, dataloaders=loader(), verbose=False)
     assert run_id == logger.version
+    assert logger.experiment.closed  # reading the finalized run does not reopen it
     run = only_run(mlflow_client)
     assert "FINISHED" == run.info.status
     assert {"train/loss", "lr", "test/loss"} <= set(run.data.metrics)

@@ -93,8 +93,13 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
 
     @property
     def experiment(self) -> Run:
-        """The steplog :class:`~steplog.Run` (started here on first use); a no-op object on other ranks."""
-        run = self._handle.start()
+        """The steplog :class:`~steplog.Run` (started here on first use); a no-op object on other ranks.
+
+        After :meth:`finalize` this is the ended run: reading it does not reopen it (a log call
+        through the logger does).
+        """
+        handle = self._handle
+        run = handle.run if handle.ended else handle.start()
         if run is None:
             from lightning.fabric.loggers.logger import _DummyExperiment
 
