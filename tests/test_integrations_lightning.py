@@ -266,15 +266,21 @@ def test_resume_by_run_id_continues_the_same_run(store: Path, mlflow_client: Any
 def test_each_rank_writes_a_child_run_of_one_parent(
     store: Path, mlflow_client: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """With ranks="each" under a simulated 2-rank torchrun job, each rank's fit writes a child of one parent."""
+    """With ranks="each" under a simulated 2-rank torchrun job, each rank's fit writes a child of one parent.
+
+    Checkpoints (log_checkpoints=True) go into rank 0's child only: Lightning saves them on rank 0.
+    """
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
     recorders = {}
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))
         recorders[rank] = Recorder()
-        logger = SteplogLogger("ddp", run_name="fit", tracking_uri=store, ranks="each")
-        trainer(logger=[logger, recorders[rank]], tmp_path=tmp_path).fit(TinyModule(), loader())
+        logger = SteplogLogger("ddp", run_name="fit", tracking_uri=store, ranks="each", log_checkpoints=True)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / f"ckpts-{rank}", every_n_train_steps=10, save_top_k=-1)
+        trainer(logger=[logger, recorders[rank]], tmp_path=tmp_path, enable_checkpointing=True, callbacks=[ckpt]).fit(
+            TinyModule(), loader()
+        )
         assert logger.run is not None
         assert (True, rank) == (logger.run.writes, logger.run.rank)
     runs = [r for e in mlflow_client.search_experiments() for r in mlflow_client.search_runs([e.experiment_id])]
@@ -291,6 +297,8 @@ def test_each_rank_writes_a_child_run_of_one_parent(
         assert STEPS == len(expected)
         history = mlflow_client.get_metric_history(child.info.run_id, "train/loss")
         assert expected == [(m.value, m.step) for m in history]
+        checkpoints = mlflow_client.list_artifacts(child.info.run_id, "checkpoints")
+        assert (2 if rank == 0 else 0) == len(checkpoints)  # one copy, in rank 0's run
 
 
 def test_no_warning_for_clean_input(store: Path) -> None:

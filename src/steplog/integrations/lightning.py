@@ -169,8 +169,13 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
         self._handle.log_params(params)
 
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        """With ``log_checkpoints=True``, log each new or rewritten checkpoint file under ``checkpoints/``."""
-        if not self._log_checkpoints or not self._handle.writes:
+        """With ``log_checkpoints=True``, log each new or rewritten checkpoint file under ``checkpoints/``.
+
+        Only rank 0 logs them (Lightning saves checkpoints there), also with ``ranks="each"``: one copy
+        in rank 0's run rather than one per rank.
+        """
+        handle = self._handle
+        if not self._log_checkpoints or not handle.writes or handle.ranks.rank != 0:
             return
         paths = {checkpoint_callback.best_model_path, checkpoint_callback.last_model_path}
         paths.update(getattr(checkpoint_callback, "best_k_models", {}) or {})

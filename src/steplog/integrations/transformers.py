@@ -157,7 +157,8 @@ class SteplogCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # u
             self._handle.log_metrics(logs, state.global_step)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self._log_checkpoints and self._set_up and self._writes(state):
+        # the Trainer saves from process zero: one copy in rank 0's run, also with ranks="each"
+        if self._log_checkpoints and self._set_up and self._writes(state) and self._handle.ranks.rank == 0:
             folder = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self._handle.log_artifact(folder, "checkpoints")
