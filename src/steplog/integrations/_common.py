@@ -253,6 +253,7 @@ class RunHandle:
         if ranks is not None:
             self.options["ranks"] = ranks
         opts = Options.from_kwargs(self.options)  # unknown names and bad values fail here, not mid-training
+        # start_run's own planning functions (the same code, not a copy of its rules), made early
         self.plan: JobPlan = _plan_job(self.experiment, opts, run_name)
         _resume_spec(opts, self.plan, run_name)  # a garbled STEPLOG_RUN_ID / MLFLOW_RUN_ID fails here too
         self.run: Run | None = None
