@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,7 +120,7 @@ def test_handle_writes_exactly_where_start_run_writes(
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
-    options = {} if mode is None else {"ranks": mode}
+    options: dict[str, Any] = {} if mode is None else {"ranks": mode}
     handle = RunHandle(Guard("Test"), "ranks", tracking_uri=tmp_path / "mlruns", options=options)
     with steplog.start_run("ranks", tracking_uri=tmp_path / "mlruns", **options) as run:
         assert run.writes == handle.writes

@@ -233,22 +233,24 @@ def test_trainer_process_index_counts_only_where_steplog_sees_no_launcher(
 ) -> None:
     """Without a launcher environment is_world_process_zero silences a process; ranks= or a launcher overrules it."""
     args = tiny_args(tmp_path / "out")
-    not_zero = SimpleNamespace(is_world_process_zero=False, global_step=1)
+    # a stand-in for the Trainer's state and control: only these fields are read
+    not_zero: Any = SimpleNamespace(is_world_process_zero=False, global_step=1)
+    control: Any = None
     silent = SteplogCallback("bert", tracking_uri=store)
-    silent.on_log(args, not_zero, None, logs={"loss": 1.0}, model=tiny_bert())
-    silent.on_train_end(args, not_zero, None)
+    silent.on_log(args, not_zero, control, logs={"loss": 1.0}, model=tiny_bert())
+    silent.on_train_end(args, not_zero, control)
     assert silent.run is None
     assert not store.exists()
     own = SteplogCallback("bert", tracking_uri=store, ranks="off")  # every process writes a run of its own
-    own.on_log(args, not_zero, None, logs={"loss": 1.0}, model=tiny_bert())
-    own.on_train_end(args, not_zero, None)
+    own.on_log(args, not_zero, control, logs={"loss": 1.0}, model=tiny_bert())
+    own.on_train_end(args, not_zero, control)
     assert own.run is not None
     assert own.run.writes
     monkeypatch.setenv("SLURM_PROCID", "0")  # the launcher says rank 0: steplog's core decides
     monkeypatch.setenv("SLURM_NTASKS", "2")
     core = SteplogCallback("bert", tracking_uri=store)
-    core.on_log(args, not_zero, None, logs={"loss": 1.0}, model=tiny_bert())
-    core.on_train_end(args, not_zero, None)
+    core.on_log(args, not_zero, control, logs={"loss": 1.0}, model=tiny_bert())
+    core.on_train_end(args, not_zero, control)
     assert core.run is not None
     assert (True, 0, 2) == (core.run.writes, core.run.rank, core.run.world_size)
 

@@ -750,8 +750,8 @@ def start_run(
     destinations = make_sinks(tracking_uri, sinks, opts)
     from ._runmeta import default_user
 
-    job = _plan_job(experiment, opts, run_name_given)
-    resume = _resume_spec(opts, job, run_name_given)
+    job = plan_job(experiment, opts, run_name_given)
+    resume = resume_spec(opts, job, run_name_given)
     if opts.parent_run_id is not None:
         clean_tags[PARENT_TAG] = opts.parent_run_id
     if job.mode == "each" and job.writes:
@@ -786,7 +786,7 @@ def start_run(
     return run
 
 
-def _plan_job(experiment: str, opts: Options, run_name: str | None) -> JobPlan:
+def plan_job(experiment: str, opts: Options, run_name: str | None) -> JobPlan:
     """Which mode this process runs in, and whether it writes (``ranks=``)."""
     mode, ranks = resolve_ranks(opts.ranks)
     if mode == "zero":
@@ -801,7 +801,7 @@ def _plan_job(experiment: str, opts: Options, run_name: str | None) -> JobPlan:
     return JobPlan(mode=mode, ranks=ranks, writes=True)
 
 
-def _resume_spec(opts: Options, job: JobPlan, run_name: str | None) -> ResumeSpec | None:
+def resume_spec(opts: Options, job: JobPlan, run_name: str | None) -> ResumeSpec | None:
     """What to resume: ``run_id=``, else ``STEPLOG_RUN_ID``, else ``MLFLOW_RUN_ID``; None for a new run."""
     run_id = opts.run_id
     if run_id == "":  # a new run, whatever the environment says (MLflow's own create_run, a sweep's trials)

@@ -239,7 +239,7 @@ class RunHandle:
         options: Mapping[str, Any] | None = None,
     ) -> None:
         from .._destinations import Options
-        from .._run import _plan_job, _resume_spec
+        from .._run import plan_job, resume_spec
         from .._validation import check_experiment_name
 
         self.guard = guard
@@ -254,8 +254,8 @@ class RunHandle:
             self.options["ranks"] = ranks
         opts = Options.from_kwargs(self.options)  # unknown names and bad values fail here, not mid-training
         # start_run's own planning functions (the same code, not a copy of its rules), made early
-        self.plan: JobPlan = _plan_job(self.experiment, opts, run_name)
-        _resume_spec(opts, self.plan, run_name)  # a garbled STEPLOG_RUN_ID / MLFLOW_RUN_ID fails here too
+        self.plan: JobPlan = plan_job(self.experiment, opts, run_name)
+        resume_spec(opts, self.plan, run_name)  # a garbled STEPLOG_RUN_ID / MLFLOW_RUN_ID fails here too
         self.run: Run | None = None
         self.ended = False
 
