@@ -268,7 +268,7 @@ def test_missing_and_unsupported_stores(tmp_path: Path) -> None:
 
 
 def test_a_server_url_opens_the_rest_reader_without_a_request() -> None:
-    """``Store("http(s)://...")`` dispatches to the read-only REST reader (any case of the scheme); opening sends nothing."""
+    """``Store("http(s)://...")`` is the read-only REST reader (any case of the scheme); opening sends nothing."""
     from steplog._rest_reader import RestStore
 
     for uri, shown in [

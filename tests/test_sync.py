@@ -245,14 +245,17 @@ def test_a_sqlite_source_syncs_incrementally(mlflow_server: Any, tmp_path: Path)
     assert ([], 0, 0, False) == (counting.sent_points(), counting.calls("/log-batch"), second.points, second.created)
     assert first.run_id == second.run_id
     # MLflow itself appends to the run in the database; the next sync sends exactly those rows
-    MlflowClient(uri).log_batch(run_id, metrics=[Metric("loss", 0.5, 1_800_000_000_000 + s, s) for s in range(400, 450)])
+    grown = [Metric("loss", 0.5, 1_800_000_000_000 + s, s) for s in range(400, 450)]
+    MlflowClient(uri).log_batch(run_id, metrics=grown)
     counting = Counting()
     (third,) = run_sync(uri, mlflow_server.url, counting)
+    assert 50 == third.points
     assert [("loss", s, 1_800_000_000_000 + s) for s in range(400, 450)] == counting.sent_points()
     loss = history(mlflow_server.url, first.run_id, "loss")
     assert 450 == len(loss) == len(set(loss))
     acc = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(first.run_id, "acc")
-    assert 400 == len(acc) and math.isnan(sorted(acc, key=lambda m: m.step)[3].value)
+    assert 400 == len(acc)
+    assert math.isnan(sorted(acc, key=lambda m: m.step)[3].value)
 
 
 def test_a_sqlite_source_without_state_checks_the_server(mlflow_server: Any, tmp_path: Path) -> None:
@@ -274,10 +277,12 @@ def test_the_command_syncs_a_sqlite_uri(mlflow_server: Any, tmp_path: Path, caps
     run_id = sqlite_run(db, "sync-sqlite-cli", points=5)
     assert 0 == cli_main(["sync", f"sqlite:///{db}", "--to", mlflow_server.url])
     (line,) = capsys.readouterr().out.splitlines()
-    assert line.startswith(f"{run_id} -> {mlflow_server.url} run ") and " created: 10 points, 1 params" in line
+    assert line.startswith(f"{run_id} -> {mlflow_server.url} run ")
+    assert " created: 10 points, 1 params" in line
     assert 1 == cli_main(["sync", f"sqlite:///{tmp_path / 'nope.db'}", "--to", mlflow_server.url])
     err = capsys.readouterr().err
-    assert err.startswith("steplog sync: error: cannot sync sqlite:///") and "no MLflow database at" in err
+    assert err.startswith("steplog sync: error: cannot sync sqlite:///")
+    assert "no MLflow database at" in err
     assert 1 == len(err.splitlines())
 
 

@@ -117,9 +117,7 @@ async def sync(
         raise StepLogError(f"{text} is a tracking server: sync uploads a local store or journal to one (--to)")
     path = uri_to_path(text) if text[:5].lower() == "file:" else Path(text)
     if not await anyio.Path(path).exists():
-        raise StepLogError(
-            f"{path} does not exist: give an mlruns directory, sqlite:///path.db, or a journal folder"
-        )
+        raise StepLogError(f"{path} does not exist: give an mlruns directory, sqlite:///path.db, or a journal folder")
     client = RestClient(url, transport=transport)
     try:
         journals = await anyio.to_thread.run_sync(journal_folders, path)
@@ -918,7 +916,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--to", required=True, metavar="URL", help="the tracking server, http(s)://host:port")
     parser.add_argument("--experiment", help="only this experiment (name or id; store sources)")
     parser.add_argument(
-        "--run", dest="run_ids", action="append", metavar="RUN_ID", help="only this run: an id, a unique prefix, or latest (repeatable; store sources)"
+        "--run",
+        dest="run_ids",
+        action="append",
+        metavar="RUN_ID",
+        help="only this run: an id, a unique prefix, or latest (repeatable; store sources)",
     )
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds a request may keep failing before giving up (60)"
