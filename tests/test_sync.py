@@ -217,25 +217,30 @@ def test_line_progress_says_up_to_date() -> None:
     assert out.getvalue().startswith("abc -> http://server run def (experiment 1): up to date in ")
 
 
-def sqlite_run(db: Path, experiment: str, points: int) -> str:
+def sqlite_run(db: Path, experiment: str, points: int, artifact: bool = False) -> str:
     with steplog.start_run(experiment, tracking_uri=f"sqlite:///{db}", handle_signals=False) as run:
         run.log_params({"lr": 0.01})
         for step in range(points):
             run.log_metrics({"loss": 1.0 / (step + 1), "acc": float("nan") if step == 3 else step / 10}, step=step)
+        if artifact:  # lands in ./mlruns/<experiment>/<run>/artifacts, as MLflow's client puts it for a database
+            run.log_text("weights" * 100, "ckpt/model.txt")
     return run.run_id
 
 
-def test_a_sqlite_source_syncs_incrementally(mlflow_server: Any, tmp_path: Path) -> None:
-    """`sqlite:///db` syncs through the Store API: the second sync sends no point, a grown run only its new
-    rows, the state lives beside the database (not in MLflow's schema), and the server holds each point once."""
+def test_a_sqlite_source_syncs_incrementally(
+    mlflow_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sqlite:///db` syncs through the Store API: the second sync sends no point or artifact, a grown run only
+    its new rows, the state lives beside the database (not in MLflow's schema), the server holds each point once."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.chdir(tmp_path)
     db = tmp_path / "mlflow.db"
-    run_id = sqlite_run(db, "sync-sqlite", points=400)
+    run_id = sqlite_run(db, "sync-sqlite", points=400, artifact=True)
     uri = f"sqlite:///{db}"
     (first,) = run_sync(uri, mlflow_server.url)
-    assert (800, 1, True) == (first.points, first.params, first.created)
+    assert (800, 1, 1, True) == (first.points, first.params, first.artifacts, first.created)
     assert (tmp_path / "mlflow.db.steplog-sync.json").is_file()
     with contextlib.closing(sqlite3.connect(db)) as con:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
@@ -243,6 +248,7 @@ def test_a_sqlite_source_syncs_incrementally(mlflow_server: Any, tmp_path: Path)
     counting = Counting()
     (second,) = run_sync(uri, mlflow_server.url, counting)
     assert ([], 0, 0, False) == (counting.sent_points(), counting.calls("/log-batch"), second.points, second.created)
+    assert ([], 0) == (counting.uploads(), second.artifacts)
     assert first.run_id == second.run_id
     # MLflow itself appends to the run in the database; the next sync sends exactly those rows
     grown = [Metric("loss", 0.5, 1_800_000_000_000 + s, s) for s in range(400, 450)]
@@ -253,6 +259,8 @@ def test_a_sqlite_source_syncs_incrementally(mlflow_server: Any, tmp_path: Path)
     assert [("loss", s, 1_800_000_000_000 + s) for s in range(400, 450)] == counting.sent_points()
     loss = history(mlflow_server.url, first.run_id, "loss")
     assert 450 == len(loss) == len(set(loss))
+    artifacts = MlflowClient(tracking_uri=mlflow_server.url).list_artifacts(first.run_id, "ckpt")
+    assert [("ckpt/model.txt", 700)] == [(a.path, a.file_size) for a in artifacts]
     acc = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(first.run_id, "acc")
     assert 400 == len(acc)
     assert math.isnan(sorted(acc, key=lambda m: m.step)[3].value)
