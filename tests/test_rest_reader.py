@@ -161,5 +161,8 @@ def test_store_of_a_server_url_reads_the_server(served: tuple[str, str, str]) ->
         assert {"lr": "0.01"} == run.params
         assert [0, 1, 2, 3, 4] == store.metric_history(run, "grad_norm/2").steps
         assert 0.2 == store.get_run(new).latest["loss"].value
+        assert store.alive(new) is None  # a server has no heartbeat to read
+        with pytest.raises(StoreError, match="no run with id 'zzzz'"):
+            store.alive("zzzz")
     finally:
         store.close()

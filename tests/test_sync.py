@@ -23,7 +23,7 @@ import pytest
 
 import steplog
 from steplog._cli import main as cli_main
-from steplog._cli.sync_command import STATE_FILE, LineProgress, SyncResult, TerminalProgress, sync
+from steplog._cli.sync_command import STATE_FILE, LineProgress, SyncResult, TerminalProgress, _Sidecar, sync
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -277,6 +277,22 @@ def test_a_sqlite_source_without_state_checks_the_server(mlflow_server: Any, tmp
     (second,) = run_sync(uri, mlflow_server.url, counting)
     assert ([], 0) == (counting.sent_points(), second.points)
     assert 300 == len(set(history(mlflow_server.url, first.run_id, "loss")))
+
+
+def test_sidecar_updates_keep_what_another_sync_recorded(tmp_path: Path) -> None:
+    """Two syncs of one database to two servers, each loaded before the other saved: the file keeps both states."""
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"")
+    first, second = _Sidecar(db), _Sidecar(db)
+    first.update("run1", "http://a", {"run_id": "x", "metrics": {"loss": {"count": 5}}})
+    second.update("run1", "http://b", {"run_id": "y", "metrics": {}})
+    second.update("run2", "http://b", {"run_id": "z", "metrics": {}})
+    targets = _Sidecar(db).runs["run1"]["targets"]
+    assert {
+        "http://a": {"run_id": "x", "metrics": {"loss": {"count": 5}}},
+        "http://b": {"run_id": "y", "metrics": {}},
+    } == targets
+    assert ["mlflow.db", "mlflow.db.steplog-sync.json"] == sorted(p.name for p in tmp_path.iterdir())
 
 
 def test_the_command_syncs_a_sqlite_uri(mlflow_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

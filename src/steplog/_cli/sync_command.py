@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -407,17 +408,36 @@ class _Sidecar:
 
     def __init__(self, database: Path) -> None:
         self.path = database.with_name(database.name + STATE_FILE)
-        self.runs: dict[str, Any] = {}
+        self.runs = self._read()
+
+    def _read(self) -> dict[str, Any]:
         try:
             data = json.loads(self.path.read_bytes())
-            if isinstance(data, dict) and data.get("version") == _STATE_VERSION and isinstance(data.get("runs"), dict):
-                self.runs = data["runs"]
         except (OSError, ValueError):
-            pass  # missing or unreadable: every key is checked against the server
+            return {}  # missing or unreadable: every key is checked against the server
+        runs = data.get("runs") if isinstance(data, dict) and data.get("version") == _STATE_VERSION else None
+        return runs if isinstance(runs, dict) else {}
 
-    def save(self) -> None:
-        data = {"version": _STATE_VERSION, "runs": self.runs}
-        write_atomic(self.path, json.dumps(data, separators=(",", ":")).encode())
+    def update(self, run_id: str, target: str, mine: dict[str, Any]) -> None:
+        """Record one run's state for one server, keeping what other syncs (other servers) wrote meanwhile.
+
+        The file is re-read and replaced under an exclusive lock on the database's folder (a lock on the
+        folder leaves no lock file behind and never touches the database, whose locks are SQLite's).
+        """
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            runs = self._read()
+            entry = runs.get(run_id)
+            if not (isinstance(entry, dict) and isinstance(entry.get("targets"), dict)):
+                entry = {"version": _STATE_VERSION, "targets": {}}
+            entry["targets"][target] = mine
+            runs[run_id] = entry
+            data = {"version": _STATE_VERSION, "runs": runs}
+            write_atomic(self.path, json.dumps(data, separators=(",", ":")).encode())
+            self.runs = runs
+        finally:
+            os.close(fd)  # releases the lock
 
 
 class _State:
@@ -480,8 +500,7 @@ class _State:
         self._all = {"version": _STATE_VERSION, "targets": {**self._all.get("targets", {}), self.target: self.mine}}
         try:
             if self.sidecar is not None:
-                self.sidecar.runs[self.run_id] = self._all
-                self.sidecar.save()
+                self.sidecar.update(self.run_id, self.target, self.mine)
             else:
                 write_atomic(self.path, json.dumps(self._all, separators=(",", ":")).encode(), temp_dir=self.run_dir)
         except OSError:
