@@ -147,3 +147,22 @@ def test_malformed_answers_are_errors_not_crashes() -> None:
     with pytest.raises(StoreError, match="is not a run id"):
         store.get_run("../../etc")
     store.close()
+
+
+@pytest.mark.server
+def test_store_of_a_server_url_reads_the_server(served: tuple[str, str, str]) -> None:
+    """`steplog.Store("http://host:port")` is a read-only REST reader with Store's methods, as the CLI uses it."""
+    url, old, new = served
+    store = steplog.Store(url)
+    try:
+        assert isinstance(store, RestStore)
+        assert [new, old] == [r.run_id for r in store.runs("rest-read")]
+        run = store.get_run(new[:10])
+        assert {"lr": "0.01"} == run.params
+        assert [0, 1, 2, 3, 4] == store.metric_history(run, "grad_norm/2").steps
+        assert 0.2 == store.get_run(new).latest["loss"].value
+        assert store.alive(new) is None  # a server has no heartbeat to read
+        with pytest.raises(StoreError, match="no run with id 'zzzz'"):
+            store.alive("zzzz")
+    finally:
+        store.close()

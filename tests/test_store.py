@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -257,12 +259,28 @@ def test_missing_and_unsupported_stores(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no MLflow database at"):
         Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not (tmp_path / "mlflow.db").exists()
-    with pytest.raises(StoreError, match="not a local file store"):
-        Store("http://localhost:5000")
+    with pytest.raises(StoreError, match=r"'s3://bucket' is not a store steplog reads: give a directory"):
+        Store("s3://bucket")
     (tmp_path / "empty").mkdir()
     store = Store((tmp_path / "empty").as_uri())
     assert ([], []) == (store.experiments(), store.runs())
     assert [] == list((tmp_path / "empty").iterdir())
+
+
+def test_a_server_url_opens_the_rest_reader_without_a_request() -> None:
+    """``Store("http(s)://...")`` is the read-only REST reader (any case of the scheme); opening sends nothing."""
+    from steplog._rest_reader import RestStore
+
+    for uri, shown in [
+        ("http://127.0.0.1:9", "http://127.0.0.1:9"),
+        ("HTTPS://user:secret@127.0.0.1:9/prefix/", "HTTPS://127.0.0.1:9/prefix"),
+    ]:
+        store = Store(uri)
+        try:
+            assert isinstance(store, RestStore)
+            assert shown == store.root  # credentials never shown
+        finally:
+            store.close()
 
 
 def test_default_uri_follows_start_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -455,3 +473,22 @@ def test_a_long_history_reads_back() -> None:
     assert (250_000, 0, 249_999, 249_999 / 7, ts + 24_999) == (len(steps), bad, steps[-1], values[-1], stamps[-1])
     history = History("k", steps, values, stamps)
     assert MetricPoint(249_999, 249_999 / 7, ts + 24_999) == history.latest()
+
+
+def test_submodules_and_sinks_are_reachable_from_a_bare_import() -> None:
+    """After only `import steplog`: `steplog.sinks.MlrunsSink`/`SqliteSink` and `steplog.store.Store` resolve,
+    `import steplog` itself imports neither the sinks nor httpx, and an unknown attribute is still an error."""
+    code = (
+        "import sys, steplog\n"
+        "print('steplog.sinks' in sys.modules, 'httpx' in sys.modules)\n"
+        "print(steplog.sinks.MlrunsSink.__name__, steplog.sinks.SqliteSink.__name__, steplog.store.Store.__name__)\n"
+        "print('SqliteSink' in steplog.sinks.__all__, 'httpx' in sys.modules)\n"
+        "try:\n    steplog.nope\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [
+        "False False",
+        "MlrunsSink SqliteSink Store",
+        "True False",
+        "module 'steplog' has no attribute 'nope'",
+    ] == out

@@ -8,8 +8,11 @@ history and still sends nothing twice.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import pytest
 
 import steplog
 from steplog._cli import main as cli_main
-from steplog._cli.sync_command import STATE_FILE, LineProgress, SyncResult, TerminalProgress, sync
+from steplog._cli.sync_command import STATE_FILE, LineProgress, SyncResult, TerminalProgress, _Sidecar, sync
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -60,7 +63,7 @@ class Counting(httpx.AsyncBaseTransport):
         return [path.rsplit("/artifacts/", 1)[-1] for method, path, _b in self.requests if method == "PUT"]
 
 
-def run_sync(store: Path, url: str, transport: Counting | None = None, **kwargs: Any) -> list[SyncResult]:
+def run_sync(store: Path | str, url: str, transport: Counting | None = None, **kwargs: Any) -> list[SyncResult]:
     return anyio.run(lambda: sync(store, url, transport=transport, **kwargs))
 
 
@@ -212,3 +215,113 @@ def test_line_progress_says_up_to_date() -> None:
     out = io.StringIO()
     LineProgress("http://server", out=out).run_done(result(points=0).__class__("abc", "def", "1", 0, 0, 0, 0, False))
     assert out.getvalue().startswith("abc -> http://server run def (experiment 1): up to date in ")
+
+
+def sqlite_run(db: Path, experiment: str, points: int, artifact: bool = False) -> str:
+    with steplog.start_run(experiment, tracking_uri=f"sqlite:///{db}", handle_signals=False) as run:
+        run.log_params({"lr": 0.01})
+        for step in range(points):
+            run.log_metrics({"loss": 1.0 / (step + 1), "acc": float("nan") if step == 3 else step / 10}, step=step)
+        if artifact:  # lands in ./mlruns/<experiment>/<run>/artifacts, as MLflow's client puts it for a database
+            run.log_text("weights" * 100, "ckpt/model.txt")
+    return run.run_id
+
+
+def test_a_sqlite_source_syncs_incrementally(
+    mlflow_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sqlite:///db` syncs through the Store API: the second sync sends no point or artifact, a grown run only
+    its new rows, the state lives beside the database (not in MLflow's schema), the server holds each point once."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "mlflow.db"
+    run_id = sqlite_run(db, "sync-sqlite", points=400, artifact=True)
+    uri = f"sqlite:///{db}"
+    (first,) = run_sync(uri, mlflow_server.url)
+    assert (800, 1, 1, True) == (first.points, first.params, first.artifacts, first.created)
+    assert (tmp_path / "mlflow.db.steplog-sync.json").is_file()
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+    assert not any("steplog" in t for t in tables)
+    counting = Counting()
+    (second,) = run_sync(uri, mlflow_server.url, counting)
+    assert ([], 0, 0, False) == (counting.sent_points(), counting.calls("/log-batch"), second.points, second.created)
+    assert ([], 0) == (counting.uploads(), second.artifacts)
+    assert first.run_id == second.run_id
+    # MLflow itself appends to the run in the database; the next sync sends exactly those rows
+    grown = [Metric("loss", 0.5, 1_800_000_000_000 + s, s) for s in range(400, 450)]
+    MlflowClient(uri).log_batch(run_id, metrics=grown)
+    counting = Counting()
+    (third,) = run_sync(uri, mlflow_server.url, counting)
+    assert 50 == third.points
+    assert [("loss", s, 1_800_000_000_000 + s) for s in range(400, 450)] == counting.sent_points()
+    loss = history(mlflow_server.url, first.run_id, "loss")
+    assert 450 == len(loss) == len(set(loss))
+    artifacts = MlflowClient(tracking_uri=mlflow_server.url).list_artifacts(first.run_id, "ckpt")
+    assert [("ckpt/model.txt", 700)] == [(a.path, a.file_size) for a in artifacts]
+    acc = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(first.run_id, "acc")
+    assert 400 == len(acc)
+    assert math.isnan(sorted(acc, key=lambda m: m.step)[3].value)
+
+
+def test_a_sqlite_source_without_state_checks_the_server(mlflow_server: Any, tmp_path: Path) -> None:
+    """A lost sidecar (or one cut off mid-write) falls back to the server's history: nothing is sent twice."""
+    db = tmp_path / "mlflow.db"
+    sqlite_run(db, "sync-sqlite-lost", points=300)
+    uri = f"sqlite:///{db}"
+    (first,) = run_sync(uri, mlflow_server.url)
+    (tmp_path / "mlflow.db.steplog-sync.json").write_text('{"version": 1, "ru')
+    counting = Counting()
+    (second,) = run_sync(uri, mlflow_server.url, counting)
+    assert ([], 0) == (counting.sent_points(), second.points)
+    assert 300 == len(set(history(mlflow_server.url, first.run_id, "loss")))
+
+
+def test_sidecar_updates_keep_what_another_sync_recorded(tmp_path: Path) -> None:
+    """Two syncs of one database to two servers, each loaded before the other saved: the file keeps both states."""
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"")
+    first, second = _Sidecar(db), _Sidecar(db)
+    first.update("run1", "http://a", {"run_id": "x", "metrics": {"loss": {"count": 5}}})
+    second.update("run1", "http://b", {"run_id": "y", "metrics": {}})
+    second.update("run2", "http://b", {"run_id": "z", "metrics": {}})
+    targets = _Sidecar(db).runs["run1"]["targets"]
+    assert {
+        "http://a": {"run_id": "x", "metrics": {"loss": {"count": 5}}},
+        "http://b": {"run_id": "y", "metrics": {}},
+    } == targets
+    assert ["mlflow.db", "mlflow.db.steplog-sync.json"] == sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_the_command_syncs_a_sqlite_uri(mlflow_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`steplog sync sqlite:///... --to URL` prints one line per run; a missing database is a one-line error."""
+    db = tmp_path / "mlflow.db"
+    run_id = sqlite_run(db, "sync-sqlite-cli", points=5)
+    assert 0 == cli_main(["sync", f"sqlite:///{db}", "--to", mlflow_server.url])
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"{run_id} -> {mlflow_server.url} run ")
+    assert " created: 10 points, 1 params" in line
+    assert 1 == cli_main(["sync", f"sqlite:///{tmp_path / 'nope.db'}", "--to", mlflow_server.url])
+    err = capsys.readouterr().err
+    assert err.startswith("steplog sync: error: cannot sync sqlite:///")
+    assert "no MLflow database at" in err
+    assert 1 == len(err.splitlines())
+
+
+def test_a_sqlite_sync_killed_after_sending_never_resends(mlflow_server: Any, tmp_path: Path) -> None:
+    """Killed after the server stored a batch but before the sidecar recorded it: the next sync checks, resends none."""
+    db = tmp_path / "mlflow.db"
+    sqlite_run(db, "sync-sqlite-killed", points=1200)  # 2400 points: more than one batch
+    uri = f"sqlite:///{db}"
+    dying = Counting(fail_after="/runs/log-batch")
+    with pytest.raises(RuntimeError):
+        run_sync(uri, mlflow_server.url, dying)
+    sent = len(dying.sent_points())
+    assert 0 < sent < 2400
+    counting = Counting()
+    (result,) = run_sync(uri, mlflow_server.url, counting)
+    assert 2400 - sent == len(counting.sent_points()) == result.points
+    loss = history(mlflow_server.url, result.run_id, "loss")
+    assert 1200 == len(loss) == len(set(loss))

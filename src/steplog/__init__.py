@@ -44,12 +44,19 @@ _LAZY = {
     "Store": ".store",
     "start_run": "._run",
 }
+# Public submodules, imported on first attribute access too: `import steplog; steplog.sinks.MlrunsSink`
+# works as it would after `import steplog.sinks` (which binds the attribute itself).
+_SUBMODULES = frozenset({"cli", "integrations", "sinks", "store", "testing", "typing"})
 
 
 def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'steplog' has no attribute {name!r}")
+        if name not in _SUBMODULES:
+            raise AttributeError(f"module 'steplog' has no attribute {name!r}")
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")  # binds globals()[name] as a submodule import does
     import importlib
 
     value = getattr(importlib.import_module(module, __name__), name)

@@ -64,6 +64,9 @@ class RemoteRun:
 class RestStore:
     """A read-only view of the runs on an MLflow tracking server, with :class:`steplog.Store`'s method names.
 
+    ``steplog.Store("http(s)://...")`` returns one. It is not a :class:`steplog.Store` subclass: its
+    runs are :class:`RemoteRun` (no folder), and ``root`` is the server's URL without credentials.
+
     Args:
         uri: ``http(s)://host:port[/prefix]``; credentials as MLflow's client takes them
             (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``, or in the URL).
@@ -255,6 +258,11 @@ class RestStore:
 
     def watch(self, run_id: str) -> RemoteRunWatcher:
         return RemoteRunWatcher(self, self.get_run(run_id))
+
+    def alive(self, run_id: str) -> bool | None:
+        """Always None: a server does not say whether a RUNNING run's writer lives (its heartbeat is local)."""
+        self.get_run(run_id)  # an unknown id is still an error, as for a local store
+        return None
 
     # ------------------------------------------------------------------ paging
 

@@ -254,21 +254,30 @@ class Store:
     """A read-only view of an MLflow file store (the same URIs as ``start_run``).
 
     Args:
-        uri: a directory or ``file:`` URI. Default: ``STEPLOG_TRACKING_URI``, then
-            ``MLFLOW_TRACKING_URI``, then ``./mlruns``, as for ``start_run``.
+        uri: a directory or ``file:`` URI; ``sqlite:///path.db`` reads MLflow's database, and
+            ``http(s)://host:port`` a tracking server over read-only REST calls (a
+            ``steplog._rest_reader.RestStore``, with these methods; needs ``steplog[rest]``).
+            Default: ``STEPLOG_TRACKING_URI``, then ``MLFLOW_TRACKING_URI``, then ``./mlruns``,
+            as for ``start_run``.
 
     Raises:
-        StoreError: the directory does not exist, or the URI is not a local file store.
+        StoreError: the directory does not exist, or the URI is not a store steplog reads.
     """
 
     def __new__(cls, uri: str | os.PathLike[str] | None = None) -> Store:
-        # a sqlite: URI (MLflow's database) is read by the SQLite reader, a Store with the same methods
+        # a sqlite: URI (MLflow's database) is read by the SQLite reader, a Store with the same methods;
+        # an http(s):// URI by the REST reader, which has the same methods (Python then skips __init__)
         if cls is Store:
             text = os.fspath(uri) if uri is not None else _default_uri()
             if text[:7].lower() == "sqlite:":
                 from ._sqlite_reader import SqliteStore
 
                 return object.__new__(SqliteStore)
+            if text.lower().startswith(("http://", "https://")):
+                from ._rest_reader import RestStore
+
+                # RestStore answers with RemoteRun (no folder) where a Store answers RunData: not a subclass
+                return RestStore(text)  # type: ignore[return-value]
         return object.__new__(cls)
 
     def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:
@@ -277,8 +286,8 @@ class Store:
         text = os.fspath(uri)
         if _SCHEME.match(text) and not text.lower().startswith("file:"):
             raise StoreError(
-                f"{text!r} is not a local file store: Store reads a directory or file: URI "
-                "(for a tracking server or database, use MLflow's client or UI)"
+                f"{text!r} is not a store steplog reads: give a directory, a file: URI, "
+                "sqlite:///path.db (MLflow's database) or http(s)://host:port (a tracking server)"
             )
         self.root = uri_to_path(text).absolute()
         if not self.root.is_dir():

@@ -1,8 +1,9 @@
 """What the reading commands share: opening a store (local or a server), naming a run, formatting.
 
 A store is found as ``start_run`` finds it: ``--uri``, else ``STEPLOG_TRACKING_URI``,
-then ``MLFLOW_TRACKING_URI``, then ``./mlruns``. An ``http(s)://`` URI is read from a
-tracking server with read-only REST calls (:class:`steplog._rest_reader.RestStore`).
+then ``MLFLOW_TRACKING_URI``, then ``./mlruns``, and opened with ``steplog.Store``: a ``sqlite:`` URI reads MLflow's
+database, an ``http(s)://`` URI a tracking server with read-only REST calls
+(:class:`steplog._rest_reader.RestStore`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TextIO
 
 from .._layout import TMP_PREFIX, uri_to_path
 from .._records import MetricPoint, RunStatus
-from .._rest_reader import RemoteRun, RestStore, is_server_uri
+from .._rest_reader import RemoteRun, RestStore
 from .._run import resolve_tracking_uri
 from ..store import History, RunData, Store, StoreError
 from . import CommandError
@@ -43,7 +44,8 @@ __all__ = [
 ]
 
 URI_HELP = (
-    "the store: a directory, a file: URI, or a tracking server http(s)://host:port read over REST "
+    "the store: a directory, a file: URI, MLflow's database sqlite:///path.db, or a tracking server "
+    "http(s)://host:port read over REST "
     "(default: STEPLOG_TRACKING_URI, MLFLOW_TRACKING_URI, ./mlruns)"
 )
 LATEST = "latest"
@@ -60,14 +62,13 @@ def open_store(uri: str | None) -> AnyStore:
     """The store ``--uri`` names (or the default one); a server's connection is closed by :func:`close_stores`."""
     text = resolve_tracking_uri(uri)
     try:
-        if is_server_uri(text):
-            remote = RestStore(text)
-            _OPENED.append(remote)
-            return remote
-        return Store(text)
+        store: AnyStore = Store(text)  # a directory, sqlite:, or a server (a RestStore)
     except StoreError as exc:
         hint = "" if uri is not None else "; pass --uri PATH or set STEPLOG_TRACKING_URI"
         raise CommandError(f"{exc}{hint}") from None
+    if isinstance(store, RestStore):
+        _OPENED.append(store)
+    return store
 
 
 def close_stores() -> None:

@@ -358,7 +358,9 @@ def register(subparsers: Any) -> None:
         "fsck",
         help="check an mlruns store for what breaks MLflow's reader (and --repair it)",
         description="Find torn metric lines, unreadable lines, duplicate points, empty metric files, broken "
-        "meta.yaml files and stray steplog temp files in an MLflow file store (steplog's or MLflow's own). "
+        "meta.yaml files, stray steplog temp files, interrupted artifact copies (.steplog-tmp* files, "
+        ".steplog-staging folders) and RUNNING runs whose writer died, in an MLflow file store (steplog's "
+        "or MLflow's own). "
         "With --repair, fix what is safe and say what changed; run it when nothing writes to the store. "
         "Exit status: 0 when no problem remains, 1 otherwise.",
     )

@@ -29,9 +29,10 @@ def register(subparsers: Any) -> None:
     """Add ``steplog show``."""
     p = subparsers.add_parser(
         "show",
-        help="one run: status, times, params, tags, latest value and step count per metric",
-        description="Show one run: status, times, params, tags, and per metric the latest value "
-        "(MLflow's rule: the highest step), its step and the number of points.",
+        help="one run: status, times, params, tags, latest value and step count per metric, artifacts",
+        description="Show one run: status, times, params, tags, per metric (in natural order: grad_norm/2 "
+        "before grad_norm/10) the latest value (MLflow's rule: the highest step), its step and the number of "
+        "points, and the run's artifact files with their sizes.",
     )
     p.add_argument("run", metavar="RUN", help="run id, a unique prefix of one, or latest (the newest run)")
     p.add_argument("--uri", default=None, help=URI_HELP)

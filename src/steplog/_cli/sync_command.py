@@ -1,4 +1,4 @@
-"""``steplog sync SOURCE --to URL``: upload a local mlruns store, or an outage journal, to a tracking server.
+"""``steplog sync SOURCE --to URL``: upload a local store (mlruns or MLflow's SQLite database), or an outage journal.
 
 Incremental and idempotent, so it is cheap and safe to run again (after an interruption,
 after the runs grew, or by mistake):
@@ -10,10 +10,13 @@ after the runs grew, or by mistake):
   metric points appended since the last sync, artifact files the server lacks or that
   changed since they were sent, and the end status if it differs;
 * what was sent is remembered per run in a sync-state file in the run's folder
-  (``.steplog-sync.json``, written atomically; MLflow ignores it). A key is marked
+  (``.steplog-sync.json``, written atomically; MLflow ignores it), or for a
+  ``sqlite:`` source in a file beside the database (``<db>.steplog-sync.json``:
+  MLflow's schema stays as MLflow made it). A key is marked
   in flight before its points are sent and committed after the server acknowledged
   them, so after a crash, or when the state is missing, stale (a metric file that
-  was rewritten, a run the server no longer has) or unwritable, sync compares with the
+  was rewritten, a database whose history of a key no longer starts as it did, a run
+  the server no longer has) or unwritable, sync compares with the
   server's history of that key instead and sends only the points it lacks: never twice;
 * a journal remembers how far the server acknowledged it, and resumes from there.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
     import httpx
 
     from ..sinks.mlflow_rest import RestClient
+    from ..store import History, Store
 
 __all__ = ["SyncResult", "register", "sync"]
 
@@ -82,11 +87,15 @@ async def sync(
     transport: httpx.AsyncBaseTransport | None = None,
     progress: Progress | None = None,
 ) -> list[SyncResult]:
-    """Upload ``source`` (an mlruns store, a run's journal, or a folder of journals) to the server at ``url``.
+    """Upload ``source`` to the server at ``url``.
+
+    ``source`` is an mlruns store (a directory or ``file:`` URI), MLflow's SQLite database
+    (``sqlite:///path.db``, read through :class:`steplog.Store`), a run's journal, or a folder
+    of journals.
 
     Args:
-        experiment: only runs of this experiment (name or id; mlruns sources).
-        run_ids: only these runs (ids or unique prefixes; mlruns sources).
+        experiment: only runs of this experiment (name or id; store sources).
+        run_ids: only these runs (ids or unique prefixes, or ``latest``; store sources).
         timeout: seconds each request may keep failing transiently before giving up.
         progress: told what each run sends as it goes (the command's display); None: silent.
     """
@@ -96,9 +105,20 @@ async def sync(
         from ..sinks.mlflow_rest import RestClient
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise StepLogError(f"steplog sync needs the REST extra: pip install 'steplog[rest]' ({exc})") from exc
-    path = Path(source)
+    text = os.fspath(source)
+    if text[:7].lower() == "sqlite:":  # MLflow's database: no journals, read through the Store API
+        store = await anyio.to_thread.run_sync(_open_database, text)
+        client = RestClient(url, transport=transport)
+        try:
+            return await _sync_store(client, store, text, experiment, run_ids, timeout, progress or Progress())
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+    if text.lower().startswith(("http://", "https://")):
+        raise StepLogError(f"{text} is a tracking server: sync uploads a local store or journal to one (--to)")
+    path = uri_to_path(text) if text[:5].lower() == "file:" else Path(text)
     if not await anyio.Path(path).exists():
-        raise StepLogError(f"{path} does not exist: give an mlruns directory or a journal folder")
+        raise StepLogError(f"{path} does not exist: give an mlruns directory, sqlite:///path.db, or a journal folder")
     client = RestClient(url, transport=transport)
     try:
         journals = await anyio.to_thread.run_sync(journal_folders, path)
@@ -109,7 +129,13 @@ async def sync(
                 (progress or Progress()).run_done(result)
                 results.append(result)
             return results
-        return await _sync_store(client, path, experiment, run_ids, timeout, progress or Progress())
+        from ..store import Store, StoreError
+
+        try:
+            store = Store(path)
+        except StoreError as exc:
+            raise StepLogError(f"{path} is neither a journal nor a readable mlruns store: {exc}") from exc
+        return await _sync_store(client, store, str(path), experiment, run_ids, timeout, progress or Progress())
     except OSError as exc:  # an unreadable file of the source: one line, not a traceback
         if isinstance(exc, StepLogError):
             raise
@@ -117,6 +143,15 @@ async def sync(
     finally:
         with anyio.CancelScope(shield=True):
             await client.aclose()
+
+
+def _open_database(uri: str) -> Store:
+    from ..store import Store, StoreError
+
+    try:
+        return Store(uri)
+    except StoreError as exc:
+        raise StepLogError(f"cannot sync {uri}: {exc}") from exc
 
 
 def _deadline(timeout: float) -> float:
@@ -167,20 +202,23 @@ async def _sync_journal(client: RestClient, folder: Path, timeout: float) -> Syn
 
 async def _sync_store(
     client: RestClient,
-    root: Path,
+    store: Store,
+    label: str,
     experiment: str | None,
     run_ids: Sequence[str] | None,
     timeout: float,
     progress: Progress,
 ) -> list[SyncResult]:
+    """Upload the runs of a store read through the Store API (an mlruns folder or MLflow's database)."""
     from ..store import Store, StoreError
 
     try:
-        store = Store(root)
         experiments = [store.experiment(experiment)] if experiment is not None else store.experiments()
         wanted = None if not run_ids else {_resolve(store, r) for r in run_ids}
     except StoreError as exc:
-        raise StepLogError(f"{root} is neither a journal nor a readable mlruns store: {exc}") from exc
+        raise StepLogError(f"cannot sync {label}: {exc}") from exc
+    # a folder store keeps each run's state in the run's folder; a database keeps all of them beside the file
+    sidecar = None if type(store) is Store else _Sidecar(store.root)
     results: list[SyncResult] = []
     for exp in experiments:
         runs = [r for r in store.runs(exp.experiment_id) if wanted is None or r.run_id in wanted]
@@ -188,7 +226,7 @@ async def _sync_store(
             continue
         exp_id = await client.experiment_id(exp.name, deadline=_deadline(timeout))
         for run in runs:
-            result = await _sync_run(client, run, exp_id, timeout, progress)
+            result = await _sync_run(client, run, exp_id, timeout, progress, store if sidecar else None, sidecar)
             progress.run_done(result)
             results.append(result)
     if wanted is not None and len(results) < len(wanted):
@@ -360,19 +398,68 @@ _STATE_VERSION = 1
 _TAIL = 4096
 
 
-class _State:
-    """One run's sync state for one server: per metric key the byte offset acknowledged, per artifact its stamp."""
+class _Sidecar:
+    """The sync state of every run of a database, in ``<db>.steplog-sync.json`` beside it (written atomically).
 
-    def __init__(self, run_dir: Path, target: str) -> None:
+    ``{"version": 1, "runs": {local run id: {"version": 1, "targets": ...}}}``: each run's part is
+    what a folder store keeps in the run's folder. A database has no run folders, and MLflow's
+    schema is not steplog's to extend.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self.path = database.with_name(database.name + STATE_FILE)
+        self.runs = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return {}  # missing or unreadable: every key is checked against the server
+        runs = data.get("runs") if isinstance(data, dict) and data.get("version") == _STATE_VERSION else None
+        return runs if isinstance(runs, dict) else {}
+
+    def update(self, run_id: str, target: str, mine: dict[str, Any]) -> None:
+        """Record one run's state for one server, keeping what other syncs (other servers) wrote meanwhile.
+
+        The file is re-read and replaced under an exclusive lock on the database's folder (a lock on the
+        folder leaves no lock file behind and never touches the database, whose locks are SQLite's).
+        """
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            runs = self._read()
+            entry = runs.get(run_id)
+            if not (isinstance(entry, dict) and isinstance(entry.get("targets"), dict)):
+                entry = {"version": _STATE_VERSION, "targets": {}}
+            entry["targets"][target] = mine
+            runs[run_id] = entry
+            data = {"version": _STATE_VERSION, "runs": runs}
+            write_atomic(self.path, json.dumps(data, separators=(",", ":")).encode())
+            self.runs = runs
+        finally:
+            os.close(fd)  # releases the lock
+
+
+class _State:
+    """One run's sync state for one server: per metric key what was acknowledged, per artifact its stamp.
+
+    For a folder store a key's entry is the byte offset acknowledged in its metric file (and a
+    fingerprint of the bytes before it); for a database, the number of rows acknowledged in
+    logged order and the last of them.
+    """
+
+    def __init__(self, run_dir: Path, target: str, sidecar: _Sidecar | None = None, run_id: str = "") -> None:
         self.path = run_dir / STATE_FILE
         self.run_dir = run_dir
         self.target = target
+        self.sidecar = sidecar
+        self.run_id = run_id
         self.saved = True
         self.dirty = False
         """True when something changed since the state was read or saved."""
         self._all: dict[str, Any] = {}
         try:
-            data = json.loads(self.path.read_bytes())
+            data = sidecar.runs.get(run_id) if sidecar is not None else json.loads(self.path.read_bytes())
             if (
                 isinstance(data, dict)
                 and data.get("version") == _STATE_VERSION
@@ -412,7 +499,10 @@ class _State:
         """Write the state atomically (temp file in the run folder, then rename); a failure only costs checks."""
         self._all = {"version": _STATE_VERSION, "targets": {**self._all.get("targets", {}), self.target: self.mine}}
         try:
-            write_atomic(self.path, json.dumps(self._all, separators=(",", ":")).encode(), temp_dir=self.run_dir)
+            if self.sidecar is not None:
+                self.sidecar.update(self.run_id, self.target, self.mine)
+            else:
+                write_atomic(self.path, json.dumps(self._all, separators=(",", ":")).encode(), temp_dir=self.run_dir)
         except OSError:
             self.saved = False
         else:
@@ -567,12 +657,21 @@ class _KeyPlan:
     """The state entry to commit once the server acknowledged them."""
 
 
-async def _sync_run(client: RestClient, run: Any, experiment_id: str, timeout: float, progress: Progress) -> SyncResult:
+async def _sync_run(
+    client: RestClient,
+    run: Any,
+    experiment_id: str,
+    timeout: float,
+    progress: Progress,
+    store: Store | None = None,
+    sidecar: _Sidecar | None = None,
+) -> SyncResult:
+    """Bring one run up to date on the server; ``store`` reads the metrics of a run without metric files."""
     from ..sinks.mlflow_rest import RUN_KEY_TAG, encode_log_batches
 
     what = f"uploading run {run.run_id}"
     deadline = _deadline(timeout)
-    state = _State(run.path, client.display_uri)
+    state = _State(run.path, client.display_uri, sidecar, run.run_id)
     known = state.mine.get("run_id")  # the server's id for this run, as an earlier sync recorded it
     server = None
     if isinstance(known, str) and known and known != run.run_id:
@@ -615,12 +714,19 @@ async def _sync_run(client: RestClient, run: Any, experiment_id: str, timeout: f
     server_keys = {m.get("key") for m in data.get("metrics") or [] if isinstance(m, dict)}
 
     plans: list[_KeyPlan] = []
-    for key, file in sorted(iter_files(run.path / "metrics")) if (run.path / "metrics").is_dir() else []:
-        if file.name.startswith(TMP_PREFIX):
-            continue
-        plan = await _plan_key(client, state, run_id, key, file, key in server_keys, deadline, what)
-        if plan is not None:
-            plans.append(plan)
+    if store is not None:
+        for key in await anyio.to_thread.run_sync(store.metric_keys, run.run_id):
+            rows = await anyio.to_thread.run_sync(store.metric_history, run, key)
+            plan = await _plan_rows(client, state, run_id, rows, key in server_keys, deadline, what)
+            if plan is not None:
+                plans.append(plan)
+    else:
+        for key, file in sorted(iter_files(run.path / "metrics")) if (run.path / "metrics").is_dir() else []:
+            if file.name.startswith(TMP_PREFIX):
+                continue
+            plan = await _plan_key(client, state, run_id, key, file, key in server_keys, deadline, what)
+            if plan is not None:
+                plans.append(plan)
     points = sum(len(p.items) // 3 for p in plans)
 
     artifacts = _local_artifacts(run)
@@ -738,6 +844,54 @@ async def _plan_key(
     return _KeyPlan(key, items, new_entry)
 
 
+async def _plan_rows(
+    client: RestClient,
+    state: _State,
+    run_id: str,
+    history: History,
+    on_server: bool,
+    deadline: float,
+    what: str,
+) -> _KeyPlan | None:
+    """The points of a database's key the server lacks: the rows after the count acknowledged, if it holds.
+
+    A database only appends a run's metric rows, so the first ``count`` rows in logged order are
+    the ones acknowledged; when the row at ``count - 1`` is no longer the one recorded (the
+    database was replaced or rewritten), or the state is missing or in flight, the server's
+    history decides instead.
+    """
+    key, end = history.key, len(history)
+    entry = state.metric(key)
+    start = None
+    if entry is not None and not entry.get("pending") and on_server:
+        count = entry.get("count")
+        if isinstance(count, int) and 0 < count <= end and entry.get("last") == _row_key(history, count - 1):
+            start = count
+    if start == end:
+        return None  # nothing added since the last sync
+    new_entry = {"count": end, "last": _row_key(history, end - 1) if end else None}
+    items: list[Any] = []
+    rows = range(start or 0, end)
+    if start is None and on_server:  # no trustworthy state: send only the points the server does not hold
+        held = await _server_history(client, run_id, key, deadline, what)
+        for i in rows:
+            point = _point_key(history.timestamps[i], history.values[i], history.steps[i])
+            if point not in held:
+                held.add(point)
+                items += (history.timestamps[i], history.values[i], history.steps[i])
+    else:
+        for i in rows:
+            items += (history.timestamps[i], history.values[i], history.steps[i])
+    if not items:
+        state.set_metric(key, new_entry)
+        return None
+    return _KeyPlan(key, items, new_entry)
+
+
+def _row_key(history: History, i: int) -> list[Any]:
+    return list(_point_key(history.timestamps[i], history.values[i], history.steps[i]))
+
+
 async def _upload_tree(client: RestClient, artifact_uri: str, source: Path, artifact_path: str, timeout: float) -> int:
     """Upload a file (or each file of a directory) under ``artifact_path``; returns the number of files."""
     from ..sinks.mlflow_rest import artifact_files
@@ -766,17 +920,26 @@ def register(subparsers: Any) -> None:
     """Add ``steplog sync`` to the command line."""
     parser = subparsers.add_parser(
         "sync",
-        help="upload a local mlruns store or an outage journal to an MLflow tracking server",
+        help="upload a local store (mlruns or sqlite:///...) or an outage journal to an MLflow tracking server",
         description=(
-            "Upload a local mlruns store, a run's outage journal, or a folder of journals to an MLflow "
-            "tracking server. Safe to run again: each point, param and tag is stored once."
+            "Upload a local mlruns store, MLflow's SQLite database (sqlite:///path.db), a run's outage journal, "
+            "or a folder of journals to an MLflow tracking server. Incremental: only what the server lacks is "
+            "sent, and what was sent is remembered in .steplog-sync.json (in each run's folder; beside a "
+            "database, <db>.steplog-sync.json). Safe to run again: each point, param and tag is stored once. "
+            "On a terminal it shows progress; into a pipe, one line per run."
         ),
     )
-    parser.add_argument("source", help="an mlruns directory, a journal folder, or a folder of journals")
-    parser.add_argument("--to", required=True, metavar="URL", help="the tracking server, http(s)://host:port")
-    parser.add_argument("--experiment", help="only this experiment (name or id; mlruns sources)")
     parser.add_argument(
-        "--run", dest="run_ids", action="append", metavar="RUN_ID", help="only this run (repeatable; mlruns sources)"
+        "source", help="an mlruns directory, sqlite:///path.db, a journal folder, or a folder of journals"
+    )
+    parser.add_argument("--to", required=True, metavar="URL", help="the tracking server, http(s)://host:port")
+    parser.add_argument("--experiment", help="only this experiment (name or id; store sources)")
+    parser.add_argument(
+        "--run",
+        dest="run_ids",
+        action="append",
+        metavar="RUN_ID",
+        help="only this run: an id, a unique prefix, or latest (repeatable; store sources)",
     )
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds a request may keep failing before giving up (60)"
