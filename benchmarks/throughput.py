@@ -58,6 +58,18 @@ def _one_round(x: cs.Contender, root: Path, steps: int, use_dict: bool) -> tuple
     return elapsed, cpu, cpu - mine, logger
 
 
+def _open_sqlite(root: Path) -> Any:
+    """steplog writing MLflow's SQLite database (``sqlite:///.../mlflow.db``) instead of mlruns files."""
+    import steplog
+
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    return steplog.start_run("bench", run_name="bench", tracking_uri=uri, handle_signals=False)
+
+
+SQLITE = cs.Contender("steplog sqlite", "steplog Run.log_metric into MLflow's SQLite database", _open_sqlite, cost=0.3)
+
+
 def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict[str, Any]:
     """Measure, print the table, write JSON (and PNG); return the result."""
     rounds = c.pick(mode, 1, 2, 5)
@@ -68,25 +80,28 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
         entries.append((x.name, x, False))
         if x is cs.STEPLOG:
             entries.append(("steplog (log_metrics dict)", x, True))
+            entries.append((SQLITE.name, SQLITE, False))
     samples: dict[str, list[float]] = {name: [] for name, _x, _d in entries}
     per_cpu: dict[str, list[float]] = {name: [] for name, _x, _d in entries}
     others_ns: dict[str, list[float]] = {name: [] for name, _x, _d in entries}
     points: dict[str, int] = {}
     checks: dict[str, bool] = {}
+    sqlite_checks: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="steplog-bench-") as tmp:
         for r in range(rounds):
             for i, (name, x, use_dict) in enumerate(c.rotate(entries, r)):
                 steps = max(1, c.scaled(x.cost * 20, budget, lo=1, hi=100_000))
-                if x is cs.STEPLOG or x is cs.BUFFERED:  # the same points: the ratio compares like with like
+                if x in (cs.STEPLOG, cs.BUFFERED, SQLITE):  # the same points: the ratio compares like with like
                     steps = c.pick(mode, 50, 10_000, 50_000)
                 elapsed, cpu, others, logger = _one_round(x, Path(tmp) / f"r{r}-{i}", steps, use_dict)
                 samples[name].append(steps * len(KEYS) / elapsed)
                 others_ns[name].append(others / (steps * len(KEYS)) * 1e9)
                 per_cpu[name].append(steps * len(KEYS) / cpu if cpu > 0 else float("nan"))
                 points[name] = steps * len(KEYS)
-                if x is cs.STEPLOG:
+                if x in (cs.STEPLOG, SQLITE):
                     stats = logger.stats()  # type: ignore[attr-defined]
-                    checks[name] = checks.get(name, True) and stats.written == steps * len(KEYS) == stats.logged
+                    into = checks if x is cs.STEPLOG else sqlite_checks  # sqlite's kept apart: the row is optional
+                    into[name] = into.get(name, True) and stats.written == steps * len(KEYS) == stats.logged
     rows = [
         {
             "name": name,
@@ -139,7 +154,18 @@ def run(mode: str = "full", out: Path | None = None, chart: bool = True) -> dict
         targets.append(
             c.target("writer CPU per point (threads but the caller's)", w, "≤ 50 ns", w <= 50, f"{w:.0f} ns")
         )
-    fields = {"rounds": rounds, "rows": rows, "all_written": checks}
+    if SQLITE.name in by:
+        lite = by[SQLITE.name]["points_per_s"]["median"]
+        targets.append(
+            c.target(
+                "end-to-end throughput into MLflow's SQLite database",
+                lite,
+                "≥ 1 M points/s",
+                lite >= 1e6,
+                f"{lite / 1e6:.2f} M points/s",
+            )
+        )
+    fields = {"rounds": rounds, "rows": rows, "all_written": checks, "sqlite_all_written": sqlite_checks}
     result = c.result_of(TITLE, mode, fields, targets=targets, notes=notes)
     return c.report(NAME, result, out, _print, _chart(rows) if chart else None)
 
@@ -179,7 +205,7 @@ def _print(result: dict[str, Any]) -> None:
             rows,
         )
     )
-    for name, ok in result["all_written"].items():
+    for name, ok in {**result["all_written"], **result.get("sqlite_all_written", {})}.items():
         print(f"check: {name}: every point written = {ok}")
     c.print_footer(result)
 

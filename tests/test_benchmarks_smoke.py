@@ -13,6 +13,7 @@ from steplog._bench import SUITE, find_benchmarks
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.mlflow,  # the benchmarks run MLflow (and tensorboardX, torch) as contenders
     # the peers (MLflow, tensorboardX, W&B, trackio) warn about their own dependencies; not ours to fix
     pytest.mark.filterwarnings("ignore"),
 ]

@@ -13,7 +13,7 @@ from steplog import InvalidValueError
 from steplog._destinations import Options, make_sinks, redact_uri
 from steplog.testing import MemorySink
 
-SUPPORTED = re.escape("is not supported: use a directory path, a file: URI, or http(s)://host:port")
+SUPPORTED = re.escape("is not supported: use a directory path, a file: URI, http(s)://host:port")
 
 
 @pytest.fixture
@@ -57,11 +57,12 @@ def test_a_refused_uri_from_the_environment_says_so(empty_cwd: Path, monkeypatch
     assert [] == os.listdir(empty_cwd)
 
 
-def test_sqlite_is_not_served_yet(empty_cwd: Path) -> None:
-    """``sqlite:///path`` has its own hook in the sink choice; until the SQLite sink lands it says so."""
-    with pytest.raises(InvalidValueError, match="sqlite: tracking URIs are not supported yet"):
-        steplog.start_run("e", tracking_uri="sqlite:///mlflow.db")
-    assert [] == os.listdir(empty_cwd)
+def test_sqlite_writes_mlflows_database_in_the_current_directory(empty_cwd: Path) -> None:
+    """``sqlite:///mlflow.db`` is MLflow's database, relative to the current directory (not a folder named sqlite:)."""
+    with steplog.start_run("e", tracking_uri="sqlite:///mlflow.db") as run:
+        run.log_metric("m", 1.0, step=0)
+    assert "mlflow.db" in os.listdir(empty_cwd)
+    assert not any(name.startswith("sqlite") for name in os.listdir(empty_cwd))
 
 
 @pytest.mark.parametrize("uri", ["runs", "./runs", "runs/sub", "./a:b"])

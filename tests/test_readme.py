@@ -5,6 +5,10 @@ directory is an empty temporary folder (so ``./mlruns`` is new), sharing one nam
 following the page would. A block that cannot run here (it needs a server, a GPU, or is a fragment)
 is skipped when the line just before its opening fence is exactly ``<!-- no-test -->``; use that
 sparingly, and never for the quickstart.
+
+A block whose preceding line is ``<!-- test: integrations -->`` (the framework integrations' examples)
+runs instead in its own fresh interpreter and folder, one block each, in its own test: each needs a
+framework, and importing four of them in one interpreter would crowd the shared time limit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SKIP_MARK = "<!-- no-test -->"
+INTEGRATIONS_MARK = "<!-- test: integrations -->"
 
 # Runs the blocks given as JSON [[line, code], ...] in one namespace; a failure names the README line.
 DRIVER = """
@@ -37,8 +42,12 @@ for line, code in blocks:
 """
 
 
-def python_blocks(text: str) -> tuple[list[tuple[int, str]], list[int]]:
-    """``([(line, code), ...], [skipped lines])`` for the ```python blocks of a markdown text."""
+def python_blocks(text: str, only: str | None = None) -> tuple[list[tuple[int, str]], list[int]]:
+    """``([(line, code), ...], [skipped lines])`` for the ```python blocks of a markdown text.
+
+    With ``only``, just the blocks whose preceding line is ``only`` (e.g. INTEGRATIONS_MARK); without it,
+    blocks marked with INTEGRATIONS_MARK are left out (they run in their own test).
+    """
     lines = text.splitlines()
     blocks: list[tuple[int, str]] = []
     skipped: list[int] = []
@@ -50,7 +59,11 @@ def python_blocks(text: str) -> tuple[list[tuple[int, str]], list[int]]:
             while end < len(lines) and lines[end].strip() != "```":
                 end += 1
             code = "\n".join(lines[start:end]) + "\n"
-            if i > 0 and lines[i - 1].strip() == SKIP_MARK:
+            mark = lines[i - 1].strip() if i > 0 else ""
+            if only is not None or mark == INTEGRATIONS_MARK:
+                if mark == only:
+                    blocks.append((start, code))
+            elif mark == SKIP_MARK:
                 skipped.append(start)
             else:
                 blocks.append((start, code))
@@ -93,3 +106,40 @@ def test_readme_python_examples_run(tmp_path: Path) -> None:
         runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
         assert runs
         assert {"FINISHED"} == {r.info.status for r in runs}
+
+
+def test_block_parser_sets_integration_blocks_apart() -> None:
+    """Blocks marked for the integrations test are left out of the main run and found with only=."""
+    text = f"```python\nx = 1\n```\n{INTEGRATIONS_MARK}\n```python\nimport lightning\n```\n"
+    assert ([(1, "x = 1\n")], []) == python_blocks(text)
+    assert ([(5, "import lightning\n")], []) == python_blocks(text, only=INTEGRATIONS_MARK)
+
+
+INTEGRATION_BLOCKS = python_blocks(README.read_text(encoding="utf-8"), only=INTEGRATIONS_MARK)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("line", "code"), INTEGRATION_BLOCKS, ids=[f"line-{line}" for line, _ in INTEGRATION_BLOCKS])
+def test_readme_integration_examples_run(tmp_path: Path, line: int, code: str) -> None:
+    """Each framework integration's README example runs alone in a fresh folder and leaves its runs FINISHED."""
+    blocks_file = tmp_path / "blocks.json"
+    blocks_file.write_text(json.dumps([[line, code]]), encoding="utf-8")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("STEPLOG_TRACKING_URI", "MLFLOW_TRACKING_URI")}
+    env["PYTHONWARNINGS"] = "ignore"  # the frameworks' advice about their own settings is not what this checks
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(blocks_file)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stdout + result.stderr[-4000:]
+    client = MlflowClient(tracking_uri=(workdir / "mlruns").as_uri())
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert 1 == len(runs)
+    assert "FINISHED" == runs[0].info.status
+    assert runs[0].data.metrics

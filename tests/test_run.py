@@ -418,13 +418,13 @@ def test_tracking_uri_resolution(
     assert [expected] == [p.name for p in tmp_path.iterdir()]
 
 
-@pytest.mark.parametrize("uri", ["sqlite:///mlflow.db", "postgresql://u@h/db", "s3://bucket/mlruns", "mysql://h/db"])
+@pytest.mark.parametrize("uri", ["postgresql://u@h/db", "s3://bucket/mlruns", "mysql://h/db"])
 def test_unsupported_tracking_uris_are_refused_at_start(
     uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A database or other non-file, non-http URI is refused at start with a message saying what is supported."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(InvalidValueError, match="is not supported: use a directory path, a file: URI, or http"):
+    with pytest.raises(InvalidValueError, match="is not supported: use a directory path, a file: URI, http"):
         steplog.start_run("nope", tracking_uri=uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(InvalidValueError, match=re.escape(repr(uri))):

@@ -254,8 +254,9 @@ def test_missing_and_unsupported_stores(tmp_path: Path) -> None:
     """A missing directory and a non-file URI are errors, and opening a store writes nothing to it."""
     with pytest.raises(StoreError, match=r"no MLflow store at .*does not exist"):
         Store(tmp_path / "nope")
-    with pytest.raises(StoreError, match="not a local file store"):
-        Store("sqlite:///mlflow.db")
+    with pytest.raises(StoreError, match="no MLflow database at"):
+        Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "mlflow.db").exists()
     with pytest.raises(StoreError, match="not a local file store"):
         Store("http://localhost:5000")
     (tmp_path / "empty").mkdir()

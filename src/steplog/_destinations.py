@@ -22,7 +22,10 @@ __all__ = ["Destinations", "Durability", "Options", "make_sink", "make_sinks", "
 Durability = Literal["os", "fsync"]
 
 _ENV_VARS = ("STEPLOG_TRACKING_URI", "MLFLOW_TRACKING_URI")
-_SUPPORTED = "use a directory path, a file: URI, or http(s)://host:port (an MLflow tracking server)"
+_SUPPORTED = (
+    "use a directory path, a file: URI, http(s)://host:port (an MLflow tracking server), "
+    "or sqlite:///path.db (MLflow's database)"
+)
 # words MLflow reads as a destination, not as a folder name (mlflow.utils.uri and its tracking registry)
 _MLFLOW_WORDS = frozenset({"databricks", "databricks-uc", "uc"})
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")  # RFC 3986; one letter is a Windows drive, not a scheme
@@ -139,8 +142,10 @@ def make_sink(uri: str, options: Options) -> Sink:
 
 
 def _sqlite_sink(uri: str, options: Options) -> Sink:
-    """The hook for ``sqlite:///path`` (MLflow's own database): wired when the SQLite sink lands."""
-    raise _refuse(uri, "sqlite: tracking URIs are not supported yet")
+    """MLflow's own database (``sqlite:///relative.db``, ``sqlite:////abs.db``), written with stdlib sqlite3."""
+    from .sinks.sqlite import SqliteSink
+
+    return SqliteSink(uri, durability=options.durability)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

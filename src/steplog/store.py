@@ -261,6 +261,16 @@ class Store:
         StoreError: the directory does not exist, or the URI is not a local file store.
     """
 
+    def __new__(cls, uri: str | os.PathLike[str] | None = None) -> Store:
+        # a sqlite: URI (MLflow's database) is read by the SQLite reader, a Store with the same methods
+        if cls is Store:
+            text = os.fspath(uri) if uri is not None else _default_uri()
+            if text[:7].lower() == "sqlite:":
+                from ._sqlite_reader import SqliteStore
+
+                return object.__new__(SqliteStore)
+        return object.__new__(cls)
+
     def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:
         if uri is None:
             uri = os.environ.get("STEPLOG_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or "./mlruns"
@@ -534,6 +544,10 @@ class RunWatcher:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _default_uri() -> str:
+    return os.environ.get("STEPLOG_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or "./mlruns"
 
 
 def _read_values(folder: Path) -> dict[str, str]:
