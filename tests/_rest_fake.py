@@ -57,6 +57,7 @@ class FakeServer:
             answer = self.fail_next.pop(0)(request)
             if answer is not None:
                 return answer
+        # None for a GET; the endpoints that read a body assert the client POSTed one
         body = strict_loads(request.content) if request.method == "POST" else None
         if path.endswith("/experiments/get-by-name"):
             name = request.url.params["experiment_name"]
@@ -65,11 +66,13 @@ class FakeServer:
             exp = {"experiment_id": self.experiments[name], "name": name, "lifecycle_stage": "active"}
             return httpx.Response(200, json={"experiment": exp})
         if path.endswith("/experiments/create"):
+            assert body is not None
             if body["name"] in self.experiments:
                 return error(400, "RESOURCE_ALREADY_EXISTS", "exists")
             self.experiments[body["name"]] = str(len(self.experiments) + 1)
             return httpx.Response(200, json={"experiment_id": self.experiments[body["name"]]})
         if path.endswith("/runs/create"):
+            assert body is not None
             run_id = f"{len(self.runs) + 1:032x}"
             info = {
                 "run_id": run_id,
@@ -84,6 +87,7 @@ class FakeServer:
             self.runs[run_id] = info
             return httpx.Response(200, json={"run": {"info": info}})
         if path.endswith("/runs/search"):
+            assert body is not None
             key = body["filter"].split("'")[1]
             found = [{"info": r} for r in self.runs.values() if r["tags"].get("steplog.run_key") == key]
             return httpx.Response(200, json={"runs": found})
@@ -93,6 +97,7 @@ class FakeServer:
                 return error(404, "RESOURCE_DOES_NOT_EXIST", "no run")
             return httpx.Response(200, json={"run": {"info": run}})
         if path.endswith("/runs/log-batch"):
+            assert body is not None
             assert len(body["metrics"]) <= 1000
             assert len(body["params"]) <= 100
             assert len(body["tags"]) <= 100
@@ -108,6 +113,7 @@ class FakeServer:
                 self.tags[t["key"]] = t["value"]
             return httpx.Response(200, json={})
         if path.endswith("/runs/update"):
+            assert body is not None
             run = self.runs[body["run_id"]]
             run["status"], run["end_time"] = body["status"], body["end_time"]
             return httpx.Response(200, json={"run_info": run})

@@ -52,7 +52,7 @@ def mlflow_client(store: Path) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _no_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_signal_handlers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tests run runs inside pytest's process: leave its SIGINT/SIGTERM handling alone by default."""
     import signal
 
@@ -84,7 +84,16 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 # the package, when it uses the `mlflow_client`/`mlflow_server` fixtures, or when its module imports
 # the package at the top. A module that imports a missing package at the top is not collected.
 
-_HEAVY = ("mlflow", "torch")
+# package -> marker: the framework integrations run on torch, so they are deselected with it
+_HEAVY = {
+    "mlflow": "mlflow",
+    "torch": "torch",
+    "lightning": "torch",
+    "transformers": "torch",
+    "accelerate": "torch",
+    "keras": "torch",
+    "MlflowServer": "mlflow",  # tests/_mlflow_server.py runs `mlflow server`
+}
 _FIXTURES = {"mlflow_client": "mlflow", "mlflow_server": "mlflow"}
 
 
@@ -107,7 +116,7 @@ def _module_needs(path: Path) -> tuple[frozenset[str], dict[str, frozenset[str]]
     at_import: set[str] = set()
     for stmt in tree.body:
         if isinstance(stmt, ast.Import | ast.ImportFrom):
-            at_import |= _names_used(stmt) & set(_HEAVY)
+            at_import |= _names_used(stmt) & _HEAVY.keys()
     functions: dict[str, ast.AST] = {}
     for stmt in tree.body:
         if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
@@ -119,7 +128,7 @@ def _module_needs(path: Path) -> tuple[frozenset[str], dict[str, frozenset[str]]
                     if isinstance(m, ast.FunctionDef | ast.AsyncFunctionDef)
                 )
     used = {name: _names_used(fn) for name, fn in functions.items()}
-    needs = {name: names & set(_HEAVY) for name, names in used.items()}
+    needs = {name: names & _HEAVY.keys() for name, names in used.items()}
     changed = True
     while changed:  # a helper that needs mlflow makes every function calling it need mlflow
         changed = False
@@ -138,7 +147,7 @@ def _missing(package: str) -> bool:
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
         at_import, _ = _module_needs(collection_path)
-        if any(_missing(package) for package in at_import):
+        if any(_missing(package) for package in at_import if package.islower()):
             return True
     return None
 
@@ -154,5 +163,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             needs |= per_function.get(fixture, frozenset())
             if fixture in _FIXTURES:
                 needs.add(_FIXTURES[fixture])
-        for package in sorted(needs):
-            item.add_marker(getattr(pytest.mark, package))
+        for marker in sorted({_HEAVY.get(package, package) for package in needs}):
+            item.add_marker(getattr(pytest.mark, marker))

@@ -26,7 +26,7 @@ from steplog._artifacts import STAGING
 
 # A long flush interval keeps the writer asleep until flush(): what it stores is then decided by
 # the call, not by a race with the writer (a barrier, not a sleep).
-ASLEEP = {"flush_interval": 60.0, "handle_signals": False}
+ASLEEP: dict[str, Any] = {"flush_interval": 60.0, "handle_signals": False}
 
 
 def client_for(store: Path) -> Any:

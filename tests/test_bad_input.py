@@ -30,7 +30,7 @@ CASES: list[tuple[str, Call, tuple[type[BaseException], ...], tuple[str, ...]]] 
     ("key-absolute", lambda r, d: r.log_metric("/etc/x", 1.0), KEY, ("'/etc/x'", "absolute")),
     ("key-forbidden-char", lambda r, d: r.log_metric("loss!", 1.0), KEY, ("'loss!'", "found '!'")),
     ("key-newline", lambda r, d: r.log_metric("a\nb", 1.0), KEY, ("'a\\nb'", "may contain only")),
-    ("key-not-str", lambda r, d: r.log_metric(5, 1.0), KEY, ("metric key 5", "must be str, not int")),
+    ("key-not-str", lambda r, d: r.log_metric(5, 1.0), KEY, ("metric key 5", "must be str, not int")),  # type: ignore[arg-type]  # a wrong type on purpose
     ("key-part-over-255-bytes", lambda r, d: r.log_metric("é" * 128, 1.0), KEY, ("metric key", "255 bytes")),
     ("param-key-over-255-bytes", lambda r, d: r.log_param("é" * 128, 1), KEY, ("param key", "255 bytes")),
     ("key-file-then-dir", lambda r, d: r.log_metric("base/x", 1.0), KEY, ("'base/x'", "both a file and a folder")),
@@ -44,10 +44,10 @@ CASES: list[tuple[str, Call, tuple[type[BaseException], ...], tuple[str, ...]]] 
     ("value-array", lambda r, d: r.log_metric("v", np.ones(3)), VALUE, ("metric 'v'", "exactly one element")),
     ("value-numpy-bool", lambda r, d: r.log_metric("v", np.bool_(True)), VALUE, ("metric 'v'", "booleans")),
     ("value-tensor", lambda r, d: r.log_metric("v", torch.ones(2)), VALUE, ("metric 'v'", "exactly one element")),
-    ("step-float", lambda r, d: r.log_metric("v", 1.0, step=1.5), VALUE, ("metric 'v'", "steps must be integers")),
-    ("step-str", lambda r, d: r.log_metric("v", 1.0, step="3"), VALUE, ("metric 'v'", "steps must be integers")),
+    ("step-float", lambda r, d: r.log_metric("v", 1.0, step=1.5), VALUE, ("metric 'v'", "steps must be integers")),  # type: ignore[arg-type]  # a wrong type on purpose
+    ("step-str", lambda r, d: r.log_metric("v", 1.0, step="3"), VALUE, ("metric 'v'", "steps must be integers")),  # type: ignore[arg-type]  # a wrong type on purpose
     ("step-int64", lambda r, d: r.log_metric("v", 1.0, step=2**63), VALUE, ("metric 'v'", "64-bit")),
-    ("timestamp-float", lambda r, d: r.log_metric("v", 1.0, timestamp=1.5), VALUE, ("metric 'v'", "integer milli")),
+    ("timestamp-float", lambda r, d: r.log_metric("v", 1.0, timestamp=1.5), VALUE, ("metric 'v'", "integer milli")),  # type: ignore[arg-type]  # a wrong type on purpose
     (
         "log-metrics-one-bad-value",
         lambda r, d: r.log_metrics({"ok2": 1.0, "v": "x"}),
@@ -56,7 +56,7 @@ CASES: list[tuple[str, Call, tuple[type[BaseException], ...], tuple[str, ...]]] 
     ),
     (
         "log-metrics-step-float",
-        lambda r, d: r.log_metrics({"v": 1.0}, step=2.5),
+        lambda r, d: r.log_metrics({"v": 1.0}, step=2.5),  # type: ignore[arg-type]  # a wrong type on purpose
         VALUE,
         ("metric 'v'", "steps must be integers"),
     ),
@@ -86,7 +86,7 @@ CASES: list[tuple[str, Call, tuple[type[BaseException], ...], tuple[str, ...]]] 
     ),
     ("text-absolute", lambda r, d: r.log_text("x", str(d / "evil.txt")), VALUE, ("evil.txt", "relative path")),
     ("dict-escapes", lambda r, d: r.log_dict({"a": 1}, "../evil.json"), VALUE, ("evil.json", "inside the run's")),
-    ("text-not-str", lambda r, d: r.log_text(b"bytes", "a.txt"), VALUE, ("takes str",)),
+    ("text-not-str", lambda r, d: r.log_text(b"bytes", "a.txt"), VALUE, ("takes str",)),  # type: ignore[arg-type]  # a wrong type on purpose
     ("text-name-over-255-bytes", lambda r, d: r.log_text("x", "é" * 128), VALUE, ("artifact file", "255 bytes")),
     ("text-not-unicode", lambda r, d: r.log_text("bad\udc80", "a.txt"), VALUE, ("'a.txt'", "not valid Unicode")),
     ("artifact-device", lambda r, d: r.log_artifact("/dev/zero"), VALUE, ("'/dev/zero'", "regular files")),

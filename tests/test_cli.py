@@ -74,11 +74,12 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     theirs = base / "mlflow"
     client = MlflowClient(tracking_uri=theirs.as_uri())
     exp = client.create_experiment("mlflow-exp")
-    run = client.create_run(exp, run_name="from-mlflow")
-    client.log_batch(run.info.run_id, [Metric("loss", 2.0 / (s + 1), 1_700_000_000_000 + s, s) for s in range(100)])
-    client.log_param(run.info.run_id, "optimizer", "sgd")
-    client.set_terminated(run.info.run_id, status="FAILED")
-    return {"steplog": (ours, ids), "mlflow": (theirs, {"from-mlflow": run.info.run_id})}
+    their_run = client.create_run(exp, run_name="from-mlflow")
+    run_id = their_run.info.run_id
+    client.log_batch(run_id, [Metric("loss", 2.0 / (s + 1), 1_700_000_000_000 + s, s) for s in range(100)])
+    client.log_param(run_id, "optimizer", "sgd")
+    client.set_terminated(run_id, status="FAILED")
+    return {"steplog": (ours, ids), "mlflow": (theirs, {"from-mlflow": run_id})}
 
 
 def test_version_and_help() -> None:

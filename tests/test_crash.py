@@ -167,7 +167,9 @@ def test_killed_run_reads_back_in_mlflow_and_store(tmp_path: Path, zygote: subpr
     acked = last_ack(ackfile)
     assert acked >= 20
     client = MlflowClient(tracking_uri=store.as_uri())
-    (run,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
+    exp = client.get_experiment_by_name("crash")
+    assert exp is not None
+    (run,) = client.search_runs([exp.experiment_id])
     assert "RUNNING" == run.info.status
     history = client.get_metric_history(run.info.run_id, "k1")
     assert [s for s in range(len(history) // 10) for _ in range(10)] == [m.step for m in history][

@@ -41,16 +41,16 @@ class TinyModule(LightningModule):
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if self.hparams.fail_at is not None and self.global_step == self.hparams.fail_at:
+        if self.hparams["fail_at"] is not None and self.global_step == self.hparams["fail_at"]:
             raise RuntimeError("boom in training_step")
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.net(x), y)
         self.log("train/loss", loss)
-        self.log("lr", self.hparams.lr)
+        self.log("lr", self.hparams["lr"])
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"])
 
 
 def loader() -> DataLoader[Any]:

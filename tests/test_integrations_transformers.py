@@ -62,7 +62,7 @@ def tiny_args(output_dir: Path | str, **kw: Any) -> TrainingArguments:
     return TrainingArguments(**options)
 
 
-class Recorder(TrainerCallback):  # type: ignore[misc]
+class Recorder(TrainerCallback):
     """Records what the Trainer hands its callbacks in on_log, with the global step at that moment."""
 
     def __init__(self) -> None:
@@ -120,7 +120,7 @@ def test_non_numbers_skipped_and_long_params_cut_with_one_warning(
     callback = SteplogCallback("bert", tracking_uri=store)
     args = tiny_args(tmp_path / "out", max_steps=3, run_name="r" * 7000)
 
-    class Noisy(TrainerCallback):  # type: ignore[misc]
+    class Noisy(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             callback.on_log(args, state, control, logs={"note": "hello", "extra": 1.5})
 

@@ -39,7 +39,7 @@ def bits(values: list[float]) -> list[bytes]:
 
 def a_run_meta(**changes: Any) -> dict[str, Any]:
     """A run's meta.yaml fields as steplog writes them."""
-    fields = {
+    fields: dict[str, Any] = {
         "run_id": new_run_id(),
         "experiment_id": "012345678901234567",
         "run_name": "baseline",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ def test_key_with_a_part_over_255_bytes_is_refused_at_the_call(store: Path) -> N
     """A metric, param or tag key with a part over 255 bytes of UTF-8 is refused at the call, naming the rule."""
     long_part = "é" * 128  # 128 characters (MLflow allows 250), 256 bytes: no file system names a file so
     with steplog.start_run("bytes", tracking_uri=store, handle_signals=False) as run:
+        call: Callable[[], object]
         for call in (
             lambda: run.log_metric(f"grp/{long_part}", 1.0, step=0),
             lambda: run.log_param(long_part, 1),

@@ -99,7 +99,7 @@ def test_a_server_killed_mid_run_gets_every_point_exactly_once(mlflow_server: An
     """Kill the server mid-run and start it again on the same database: a run that goes on has every point once,
     and a run closed during the outage leaves a journal that `steplog sync` uploads (twice: still once)."""
     journal = tmp_path / "journal"
-    options = {"journal_dir": str(journal), "max_buffer": 1000}
+    options: dict[str, Any] = {"journal_dir": str(journal), "max_buffer": 1000}
     going_on = steplog.start_run("rest-outage", tracking_uri=mlflow_server.url, **options)
     closed_early = steplog.start_run("rest-outage", tracking_uri=mlflow_server.url, **options)
     try:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 import steplog
+import steplog.sinks
 from _rest_fake import FAST, URL, FakeServer, error, items, make_sink
 from steplog._cli.sync_command import sync
 from steplog._journal import Journal, journal_folders

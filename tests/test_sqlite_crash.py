@@ -123,7 +123,9 @@ def test_sigterm_ends_the_run_killed_with_everything_written(tmp_path: Path) -> 
             proc.wait()
     assert -signal.SIGTERM == proc.returncode, err
     client = MlflowClient(f"sqlite:///{db}")
-    (run,) = client.search_runs([client.get_experiment_by_name("signals").experiment_id])
+    exp = client.get_experiment_by_name("signals")
+    assert exp is not None
+    (run,) = client.search_runs([exp.experiment_id])
     assert "KILLED" == run.info.status
     assert run.info.end_time is not None
     assert list(range(50)) == [m.step for m in client.get_metric_history(run.info.run_id, "loss")]

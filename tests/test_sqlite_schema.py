@@ -17,6 +17,8 @@ from steplog import StepLogError
 from steplog._sqlite_schema import REVISION
 from steplog.store import StoreError
 
+pytestmark = pytest.mark.mlflow  # MLflow creates the reference database (scripts/gen_sqlite_schema.py)
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gen_sqlite_schema.py"
 
 

@@ -198,7 +198,9 @@ def test_relative_uri_and_artifact_root_match_mlflow(tmp_path: Path, monkeypatch
     assert (tmp_path / "rel.db").is_file()
     client = MlflowClient("sqlite:///rel.db")
     theirs = client.get_experiment(client.create_experiment("theirs")).artifact_location
-    ours = client.get_experiment_by_name("mine").artifact_location
+    mine = client.get_experiment_by_name("mine")
+    assert mine is not None
+    ours = mine.artifact_location
     assert theirs.rsplit("/", 1)[0] == ours.rsplit("/", 1)[0] == str(tmp_path / "mlruns")
     assert client.get_experiment("0").artifact_location == str(tmp_path / "mlruns" / "0")
     assert f"{ours}/{run.run_id}/artifacts" == client.get_run(run.run_id).info.artifact_uri

@@ -188,7 +188,7 @@ def test_latest_follows_mlflows_rule(stores: dict[str, Any]) -> None:
 )
 def test_latest_index_equals_mlflows_tuple_max(points: list[tuple[int, int, float]]) -> None:
     """The C-speed latest picks the very point (same index) that MLflow's max by (step, timestamp, value) picks."""
-    steps, stamps, values = ([p[i] for p in points] for i in range(3))
+    steps, stamps, values = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
     expected = max(range(len(points)), key=lambda i: (steps[i], stamps[i], values[i]))
     assert expected == _latest_index(steps, stamps, values)
 
