@@ -436,7 +436,8 @@ def test_unknown_and_bad_options_are_refused() -> None:
     """start_run() refuses unknown options (TypeError) and bad option values (InvalidValueError) at once."""
     with pytest.raises(TypeError, match="flush_intervall"):
         steplog.start_run("opts", sinks=[MemorySink()], flush_intervall=1.0)
-    for options in [{"flush_interval": 0}, {"max_buffer": -1}, {"on_full": "wait"}, {"durability": "disk"}]:
+    bad: list[dict[str, Any]] = [{"flush_interval": 0}, {"max_buffer": -1}, {"on_full": "wait"}, {"durability": "disk"}]
+    for options in bad:
         with pytest.raises(InvalidValueError):
             steplog.start_run("opts", sinks=[MemorySink()], **options)
 

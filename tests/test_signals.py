@@ -54,6 +54,7 @@ def read_run(store: Path) -> tuple[Any, list[int], list[int]]:
 
     client = MlflowClient(tracking_uri=store.as_uri())
     experiment = client.get_experiment_by_name("signals")
+    assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
     loss = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     acc = [m.step for m in client.get_metric_history(run.info.run_id, "acc/top1")]

@@ -273,7 +273,7 @@ def test_tensor_with_grad_is_logged_without_its_graph() -> None:
     loss = (w * w).sum()
     placeholder = values.convert("loss", loss)
     assert (False, None) == (placeholder[0].requires_grad, placeholder[0].grad_fn)
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
     out = values.resolve_blocking([("loss", [0, placeholder, 0])])
     assert [expected_float(loss)] == out[0][1][1::3]
 

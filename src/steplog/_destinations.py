@@ -45,6 +45,19 @@ class Options:
     """Seconds to reach a tracking server when the run starts (then a StepLogError)."""
     journal_dir: str | None = None
     """Where a tracking server's outage journal goes (default STEPLOG_JOURNAL_DIR or ./steplog-journal)."""
+    run_id: str | None = None
+    """Resume this run (default: STEPLOG_RUN_ID, then MLFLOW_RUN_ID)."""
+    rewind_to_step: int | None = None
+    """With ``run_id``: remove every point with a step above this before logging resumes (local stores)."""
+    parent_run_id: str | None = None
+    """Make the run a child of this run (tag ``mlflow.parentRunId``)."""
+    ranks: Literal["zero", "each", "off"] | None = None
+    """Under a launcher with more than one process: ``"zero"`` (default), ``"each"`` or ``"off"``."""
+    system_metrics: bool | None = None
+    """Sample CPU, memory, disk, network and GPUs (default: STEPLOG_SYSTEM_METRICS, then
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING)."""
+    system_metrics_interval: float = 10.0
+    """Seconds between two system-metric samples."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.flush_interval, (int, float)) and self.flush_interval > 0):
@@ -59,6 +72,27 @@ class Options:
             raise InvalidValueError(f"close_timeout must be a positive number of seconds, not {self.close_timeout!r}")
         if not (isinstance(self.start_timeout, (int, float)) and self.start_timeout > 0):
             raise InvalidValueError(f"start_timeout must be a positive number of seconds, not {self.start_timeout!r}")
+        self._check_long_jobs()
+
+    def _check_long_jobs(self) -> None:
+        from ._resume import check_run_id
+        from ._validation import INT64_MAX
+
+        if self.run_id is not None:
+            check_run_id(self.run_id)
+        if self.parent_run_id is not None:
+            check_run_id(self.parent_run_id, "parent_run_id")
+        if self.rewind_to_step is not None:
+            step = self.rewind_to_step
+            if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= INT64_MAX):
+                raise InvalidValueError(f"rewind_to_step must be a step (an int >= 0), not {step!r}")
+        if self.ranks not in (None, "zero", "each", "off"):
+            raise InvalidValueError(f"ranks must be 'zero', 'each' or 'off', not {self.ranks!r}")
+        if self.system_metrics not in (None, True, False):
+            raise InvalidValueError(f"system_metrics must be True or False, not {self.system_metrics!r}")
+        interval = self.system_metrics_interval
+        if not (isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0):
+            raise InvalidValueError(f"system_metrics_interval must be a positive number of seconds, not {interval!r}")
 
     @classmethod
     def from_kwargs(cls, options: dict[str, object]) -> Options:

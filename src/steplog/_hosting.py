@@ -20,7 +20,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
@@ -42,13 +42,16 @@ __all__ = [
     "FinishSync",
     "Host",
     "LoopHosting",
+    "Opener",
     "ThreadHosting",
     "attach_writer",
     "bounded",
     "check_usable",
+    "log_side_metrics",
     "now_ms",
     "open_run",
     "raise_if_unwritten",
+    "seed_buffer",
     "unwritten_error",
     "writer_last_error",
     "writer_lost",
@@ -61,6 +64,8 @@ Finish = Callable[[RunStatus, float], Coroutine[Any, Any, None]]
 """The run's close path (drain, write, record the end), awaited in the writer's loop."""
 FinishSync = Callable[[RunStatus, float], None]
 """The run's close path when no event loop can run it (the writer's loop is gone or interrupted)."""
+Opener = Callable[["Writer", "RunRequest"], Coroutine[Any, Any, RunInfo]]
+"""Opens the run in every sink (:func:`open_run`, or a resume that reads the run first)."""
 
 
 def now_ms() -> int:
@@ -98,6 +103,41 @@ def writer_pending(writer: Writer) -> bool:
 
 def raise_if_unwritten(writer: Writer) -> None:
     writer._raise_if_unwritten()
+
+
+def seed_buffer(
+    buffer: Buffer, *, params: Mapping[str, str], tags: Iterable[str], metric_keys: Iterable[str], step: int
+) -> None:
+    """Tell a resumed run's buffer what the run already holds, before anything is logged.
+
+    Params logged again must keep their value (ParamChangedError otherwise), existing keys still
+    clash with a file/folder twin, and ``step=None`` continues from ``step``.
+    """
+    with buffer._lock:
+        for key, text in params.items():
+            if key not in buffer._params:  # a param logged before the start (async code) is checked when written
+                buffer._params[key] = text
+                buffer._param_keys.add(key)
+        for key in tags:
+            buffer._tag_keys.add(key)
+        for key in metric_keys:
+            buffer._metric_keys.add(key)
+        if buffer._step == 0:  # unless steps were logged before the start: they are the newer ones
+            buffer._step = step
+
+
+def log_side_metrics(buffer: Buffer, metrics: Mapping[str, Any], step: int) -> None:
+    """Queue points at ``step`` without moving the run's current step (system metrics' own counter).
+
+    Called from a sampler thread, never from the hot path; validated like any log call.
+    """
+    buffer._check_usable()
+    ts = now_ms()
+    prepared = [buffer._prepare(key, value) for key, value in metrics.items()]
+    for col, value in prepared:
+        if len(col) >= buffer._cap and not buffer._make_room(col):
+            continue
+        col += (ts, value, step)
 
 
 def writer_lost(writer: Writer) -> int:
@@ -192,13 +232,13 @@ class ThreadHosting:
 
     @classmethod
     def start(
-        cls, writer: Writer, buffer: Buffer, request: RunRequest, finish: Finish
+        cls, writer: Writer, buffer: Buffer, request: RunRequest, finish: Finish, opener: Opener = open_run
     ) -> tuple[ThreadHosting, RunInfo]:
         """Start the thread, open the run in every sink, start the writer; the run's identity."""
         host = ThreadHost()
         try:
             attach_writer(buffer, writer, host.schedule, loop_thread=None)  # no caller runs on the writer's thread
-            info = host.call(open_run, writer, request)
+            info = host.call(opener, writer, request)
         except BaseException:
             host.close()
             raise
@@ -269,7 +309,13 @@ class LoopHosting:
 
     @classmethod
     async def start(
-        cls, writer: Writer, buffer: Buffer, request: RunRequest, finish: Finish, finish_sync: FinishSync
+        cls,
+        writer: Writer,
+        buffer: Buffer,
+        request: RunRequest,
+        finish: Finish,
+        finish_sync: FinishSync,
+        opener: Opener = open_run,
     ) -> tuple[LoopHosting, RunInfo]:
         """Open the run in every sink and start the writer in the current loop; the run's identity."""
         stack = contextlib.AsyncExitStack()
@@ -277,7 +323,7 @@ class LoopHosting:
         try:
             task_group = await stack.enter_async_context(anyio.create_task_group())
             attach_writer(buffer, writer, loop_scheduler(), loop_thread=threading.get_ident())
-            info = await open_run(writer, request)
+            info = await opener(writer, request)
         except BaseException:
             await stack.aclose()
             raise

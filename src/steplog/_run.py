@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -33,16 +33,23 @@ from ._hosting import (
     LoopHosting,
     ThreadHosting,
     check_usable,
+    log_side_metrics,
     now_ms,
+    open_run,
+    seed_buffer,
     unwritten_error,
     writer_last_error,
     writer_lost,
     writer_pending,
 )
+from ._jobs import PARENT_TAG, RANK_TAG, JobPlan, NullSink, job_key, resolve_ranks
 from ._layout import random_run_name
 from ._lifecycle import END_STATUSES, RunState, exit_status, parse_status
 from ._portal import current_loop
+from ._ranks import Ranks
 from ._records import ArtifactRecord, RunInfo, RunStatus, Stats
+from ._resume import REWIND_TAG, ResumeSpec, check_run_id, resume_in, rewind_tag, run_id_from_env
+from ._system_metrics import enabled_by_env
 from ._tensors import DeviceValues
 from ._validation import check_artifact_path, check_experiment_name, check_key, check_tag_value
 from ._writer import Writer
@@ -78,15 +85,24 @@ class Run:
         *,
         tracking_uri: str,
         where: str | None = None,
+        job: JobPlan | None = None,
+        resume: ResumeSpec | None = None,
+        system_metrics: bool = False,
     ) -> None:
         self._request = request
+        self._sinks = list(sinks)  # resume reads them; artifacts are snapshotted into a local store's run folder
+        self._job = job if job is not None else JobPlan(mode="off", ranks=Ranks(), writes=True)
+        self._resume = resume
+        self._system_metrics = system_metrics
+        self._sampler: Any = None  # the system-metrics sampler, while it runs
+        self._system_first_step = 0
+        self._extras: list[Callable[[RunStatus, int], None]] = []  # stopped (in reverse) when the run ends
         self._options = options
         self._tracking_uri = tracking_uri
         self._where = tracking_uri if where is None else where
         # device tensors (CUDA, JAX) become floats in the writer, without stalling the device
         self._tensors = DeviceValues(flush_interval=options.flush_interval)
         self._buffer = Buffer(max_buffer=options.max_buffer, on_full=options.on_full, value_hook=self._tensors.convert)
-        self._sinks = tuple(sinks)  # artifacts are snapshotted into a local store's run folder
         self._writer = Writer(self._buffer, sinks, flush_interval=options.flush_interval)
         self._writer.deferred = self._tensors
         self._state = RunState.NEW
@@ -272,6 +288,21 @@ class Run:
         return self._writer.stats()
 
     @property
+    def writes(self) -> bool:
+        """False on a rank that does not write (``ranks="zero"``, rank > 0): calls are checked, nothing is kept."""
+        return self._job.writes
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in its job (0 without a launcher)."""
+        return self._job.ranks.rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes in the job (1 without a launcher)."""
+        return self._job.ranks.world_size
+
+    @property
     def closed(self) -> bool:
         """True once the run is closed."""
         return self._state is RunState.CLOSED
@@ -296,6 +327,8 @@ class Run:
         self._buffer.detach()
         if self._info is not None and self._info.end_time is None:
             self._info = dataclasses.replace(self._info, end_time=now_ms(), status=status)
+        self._stop_sampler()
+        self._stop_extras(status)
         _exit.unregister(self)
         self._ended.set()
 
@@ -306,9 +339,98 @@ class Run:
 
     def _start_threaded(self) -> None:
         """Start the writer on a background thread with its own event loop (sync hosting)."""
-        self._host, self._info = ThreadHosting.start(self._writer, self._buffer, self._request, self._finish)
+        try:
+            self._host, self._info = ThreadHosting.start(
+                self._writer, self._buffer, self._request, self._finish, self._open
+            )
+        except BaseException:
+            self._stop_extras(RunStatus.FAILED)
+            raise
         self._set_state(RunState.RUNNING)
         _exit.register(self)
+        self._start_extras()
+
+    # ------------------------------------------------------------------ long jobs: opening and extra tasks
+
+    async def _open(self, writer: Writer, request: RunRequest) -> RunInfo:
+        """Open the run: the job's parent first (``ranks="each"``), the resumed run's state, then every sink."""
+        if self._job.mode == "each" and self._job.writes:
+            from ._jobs import open_parent
+
+            parent_id, experiment_id, end_parent = await open_parent(self._sinks, request, self._job, self._options)
+            self._extras.append(end_parent)
+            tags = {**request.tags, PARENT_TAG: parent_id, RANK_TAG: str(self.rank)}
+            request = dataclasses.replace(request, tags=tags, experiment_id=self._local_id(experiment_id))
+        resume = self._resume
+        if resume is not None:
+            state = await resume_in(self._sinks, resume)
+            tags = dict(request.tags)
+            if resume.rewind_to_step is not None:
+                tags[REWIND_TAG] = rewind_tag(resume.rewind_to_step)
+            request = dataclasses.replace(
+                request,
+                run_id=state.run_id,
+                experiment_id=self._local_id(state.experiment_id),
+                experiment_name=state.experiment_name or request.experiment_name,
+                start_time=state.start_time,
+                run_name=resume.run_name or state.run_name,
+                tags=tags,
+            )
+            seed_buffer(
+                self._buffer, params=state.params, tags=state.tags, metric_keys=state.metric_keys, step=state.last_step
+            )
+            self._system_first_step = state.last_system_step + 1
+        return await open_run(writer, request)
+
+    def _local_id(self, experiment_id: str) -> str | None:
+        """The experiment id to open the run in, when the first destination is a local store.
+
+        A server's experiment ids mean nothing in a local store that mirrors it: there the
+        experiment is found by name, as for a new run.
+        """
+        from .sinks.mlruns import MlrunsSink
+
+        return experiment_id if self._sinks and isinstance(self._sinks[0], MlrunsSink) else None
+
+    def _start_extras(self) -> None:
+        """Start the heartbeat (local stores) and the system-metrics sampler, off the hot path."""
+        if not self._job.writes:
+            return
+        from ._heartbeat import Heartbeat
+        from .sinks.mlruns import MlrunsSink
+
+        for sink in self._sinks:
+            run_dir = getattr(sink, "run_dir", None)
+            if isinstance(sink, MlrunsSink) and run_dir is not None:
+                beat = Heartbeat(run_dir)
+                beat.start()
+                self._extras.append(_stopper(beat))
+        if self._system_metrics and self._job.ranks.local_rank == 0:
+            from ._system_metrics import SystemMetrics
+
+            buffer = self._buffer
+            sampler = SystemMetrics(
+                lambda metrics, step: log_side_metrics(buffer, metrics, step),
+                interval=self._options.system_metrics_interval,
+                first_step=getattr(self, "_system_first_step", 0),
+            )
+            sampler.start()
+            self._sampler = sampler
+
+    def _stop_sampler(self) -> None:
+        """Stop sampling system metrics as a close begins, so every sample taken is written."""
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.stop()
+
+    def _stop_extras(self, status: RunStatus) -> None:
+        extras, self._extras = self._extras, []
+        end = self._info.end_time if self._info is not None and self._info.end_time is not None else now_ms()
+        for stop in reversed(extras):
+            try:
+                stop(status, end)
+            except Exception as exc:  # the run has ended; a parent or heartbeat left behind is reported
+                log.warning("steplog: ending run %s: %s", self._request.run_name, exc)
 
     async def astart(self) -> Self:
         """Start the writer as a task in the current event loop (asyncio or trio).
@@ -322,13 +444,15 @@ class Run:
             raise self._refuse_restart()
         try:
             self._host, self._info = await LoopHosting.start(
-                self._writer, self._buffer, self._request, self._finish, self._finish_sync
+                self._writer, self._buffer, self._request, self._finish, self._finish_sync, self._open
             )
         except Exception:
             _exit.unregister(self)  # the destination refused the run and the caller has the error: not again at exit
+            self._stop_extras(RunStatus.FAILED)
             raise
         self._set_state(RunState.RUNNING)
         _exit.register(self)
+        self._start_extras()
         return self
 
     # ------------------------------------------------------------------ barriers
@@ -417,6 +541,7 @@ class Run:
         if not self._begin_close():
             self._ended.wait(timeout)  # another close is writing: return once it has ended the run
             return
+        self._stop_sampler()
         try:
             host.close(final, timeout)
         finally:
@@ -437,6 +562,7 @@ class Run:
                 await anyio.to_thread.run_sync(self._ended.wait, timeout, abandon_on_cancel=True)
             await host.aleave()  # closed from another thread: the task that entered the run leaves here
             return
+        self._stop_sampler()
         try:
             await host.aclose(final, timeout)
         finally:
@@ -600,16 +726,20 @@ def start_run(
         sinks: extra destinations (objects implementing :class:`steplog.typing.Sink`); given
             without ``tracking_uri``, the run writes to these only.
         **options: ``flush_interval``, ``max_buffer``, ``on_full``, ``durability``,
-            ``handle_signals``, ``close_timeout`` (see the README).
+            ``handle_signals``, ``close_timeout`` (see the README); for long and distributed jobs
+            ``run_id`` (resume; default ``STEPLOG_RUN_ID``, then ``MLFLOW_RUN_ID``),
+            ``rewind_to_step``, ``parent_run_id``, ``ranks`` (``"zero"``, ``"each"``, ``"off"``),
+            ``system_metrics`` and ``system_metrics_interval``.
 
     Raises:
         InvalidValueError: a bad option, run name or tag value; a tracking URI steplog does not
             serve (``databricks``, ``postgresql://...``, an empty string); no destination at all.
         StepLogError: the destination cannot be created (a folder without write permission, a
-            server that does not answer).
+            server that does not answer); the run to resume does not exist there.
     """
     opts = Options.from_kwargs(options)
     check_experiment_name(experiment)
+    run_name_given = run_name
     if run_name is None:
         run_name = random_run_name()
     elif not isinstance(run_name, str) or not run_name or len(run_name) > 250:
@@ -620,6 +750,12 @@ def start_run(
     destinations = make_sinks(tracking_uri, sinks, opts)
     from ._runmeta import default_user
 
+    job = _plan_job(experiment, opts, run_name_given)
+    resume = _resume_spec(opts, job, run_name_given)
+    if opts.parent_run_id is not None:
+        clean_tags[PARENT_TAG] = opts.parent_run_id
+    if job.mode == "each" and job.writes:
+        run_name = f"{run_name_given or 'rank'}-{job.ranks.rank}"
     request = RunRequest(
         experiment_name=experiment,
         run_name=run_name,
@@ -627,7 +763,20 @@ def start_run(
         start_time=now_ms(),
         user_id=default_user(),
     )
-    run = Run(request, destinations.sinks, opts, tracking_uri=destinations.uri, where=destinations.where)
+    chosen = destinations.sinks if job.writes else [NullSink()]
+    if resume is not None and resume.rewind_to_step is not None:
+        _check_rewindable(chosen)
+    system_metrics = opts.system_metrics if opts.system_metrics is not None else enabled_by_env()
+    run = Run(
+        request,
+        chosen,
+        opts,
+        tracking_uri=destinations.uri,
+        where=destinations.where if job.writes else f"nowhere (rank {job.ranks.rank} of {job.ranks.world_size})",
+        job=job,
+        resume=resume,
+        system_metrics=system_metrics and job.writes,
+    )
     if current_loop() is None:
         run._start_threaded()
     else:
@@ -635,3 +784,58 @@ def start_run(
     if opts.handle_signals is not False:
         _exit.install_signal_handlers(explicit=opts.handle_signals is True)
     return run
+
+
+def _plan_job(experiment: str, opts: Options, run_name: str | None) -> JobPlan:
+    """Which mode this process runs in, and whether it writes (``ranks=``)."""
+    mode, ranks = resolve_ranks(opts.ranks)
+    if mode == "zero":
+        return JobPlan(mode=mode, ranks=ranks, writes=ranks.is_zero)
+    if mode == "each":
+        if opts.run_id is not None:
+            raise InvalidValueError(
+                "run_id and ranks='each' cannot be combined: each rank writes its own child run of the job's "
+                "parent; resume with ranks='zero' (rank 0 resumes the run), or restart the job under the same job id"
+            )
+        return JobPlan(mode=mode, ranks=ranks, writes=True, key=job_key(experiment, ranks), parent_name=run_name)
+    return JobPlan(mode=mode, ranks=ranks, writes=True)
+
+
+def _resume_spec(opts: Options, job: JobPlan, run_name: str | None) -> ResumeSpec | None:
+    """What to resume: ``run_id=``, else ``STEPLOG_RUN_ID``, else ``MLFLOW_RUN_ID``; None for a new run."""
+    run_id = opts.run_id
+    if run_id is None and job.mode != "each":
+        found = run_id_from_env()
+        run_id = None if found is None else found[0]
+    if run_id is None:
+        if opts.rewind_to_step is not None:
+            raise InvalidValueError(
+                "rewind_to_step needs the run to rewind: give run_id= (or set STEPLOG_RUN_ID / MLFLOW_RUN_ID)"
+            )
+        return None
+    if not job.writes:
+        return None  # a rank that writes nothing leaves the run to rank 0
+    return ResumeSpec(run_id=check_run_id(run_id), rewind_to_step=opts.rewind_to_step, run_name=run_name)
+
+
+def _check_rewindable(sinks: Sequence[Sink]) -> None:
+    """Refuse a rewind at start where a destination cannot delete points (a tracking server, a custom sink)."""
+    from .sinks.mlruns import MlrunsSink
+
+    for sink in sinks:
+        if not isinstance(sink, MlrunsSink):
+            where = getattr(sink, "display_uri", None) or type(sink).__name__
+            raise InvalidValueError(
+                f"rewind_to_step is not possible with {where}: it cannot delete logged points. Start a new run "
+                "with parent_run_id=<the old run's id> and log from the checkpoint's step on, or resume without "
+                "rewind_to_step"
+            )
+
+
+def _stopper(task: Any) -> Callable[[RunStatus, int], None]:
+    """An extra's stop, as :meth:`Run._stop_extras` calls it."""
+
+    def stop(_status: RunStatus, _end: int) -> None:
+        task.stop()
+
+    return stop

@@ -480,6 +480,16 @@ class Store:
         """A :class:`RunWatcher` following a run (id or unique prefix) as it writes."""
         return RunWatcher(self, self._find_run_dir(run_id))
 
+    def alive(self, run_id: str) -> bool | None:
+        """For a RUNNING run: True if its writer lives, False if it died without closing; else None.
+
+        Told from the heartbeat steplog's writer refreshes (see :mod:`steplog._heartbeat`); a run
+        MLflow wrote, or one that ended, gives None.
+        """
+        from ._heartbeat import liveness
+
+        return liveness(self._find_run_dir(run_id))
+
 
 class RunWatcher:
     """Follows a live run: each :meth:`poll` reads only what its metric files gained since the last.

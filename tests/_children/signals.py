@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 STEPS = 50
 stop = False
@@ -72,7 +73,7 @@ def main() -> None:
         return
     import steplog
 
-    options = {"tracking_uri": store, "flush_interval": 60.0, "run_name": "sig"}
+    options: dict[str, Any] = {"tracking_uri": store, "flush_interval": 60.0, "run_name": "sig"}
     if hosting in ("with", "interrupt", "error"):
         with steplog.start_run("signals", **options) as run:
             log_steps(run, 0, STEPS)

@@ -117,6 +117,7 @@ def _check_run(run_dir: Path, artifact_location: str, *, repair: bool, now: floa
     if not meta_path.exists() and not any((run_dir / name).is_dir() for name in ("metrics", "params", "tags")):
         return []  # not a run folder
     findings += _check_run_meta(run_dir, artifact_location, repair=repair)
+    findings += _dead_writer(run_dir, repair=repair)
     findings += _leftovers(run_dir, repair=repair, now=now)
     metrics = run_dir / "metrics"
     if metrics.is_dir():
@@ -395,3 +396,22 @@ def _main(args: argparse.Namespace) -> int:
         hint = "" if args.repair or not remaining else " (steplog fsck --repair fixes what is safe)"
         print(f"{root}: {len(findings)} problems, {repaired} repaired, {remaining} remaining{hint}")
     return 1 if remaining else 0
+
+
+def _dead_writer(run_dir: Path, *, repair: bool) -> Iterator[Finding]:
+    """A RUNNING run whose writer died without closing (its heartbeat says so): ended KILLED by --repair."""
+    from .._heartbeat import FILE, describe_death, last_write_ms, liveness
+
+    if liveness(run_dir) is not False:
+        return
+    meta_path = run_dir / META
+    repaired = None
+    if repair:
+        end = last_write_ms(run_dir)
+        meta = parse_meta(meta_path.read_text(encoding="utf-8"))
+        meta["status"] = int(RunStatus.KILLED)
+        meta["end_time"] = end
+        write_atomic(meta_path, dump_meta(meta).encode())
+        (run_dir / FILE).unlink(missing_ok=True)
+        repaired = f"ended the run KILLED at its last write ({end} ms)"
+    yield Finding(meta_path, f"the run is RUNNING but its writer is dead ({describe_death(run_dir)})", repaired)

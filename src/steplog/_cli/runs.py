@@ -6,6 +6,7 @@ import argparse
 import collections
 from typing import Any
 
+from .._heartbeat import status_word
 from ..store import StoreError
 from . import CommandError
 from .common import URI_HELP, duration, fmt_time, fmt_value, natural_key, open_store, print_lines, short_ids, table
@@ -67,7 +68,7 @@ def _runs(args: argparse.Namespace) -> int:
             short[run.run_id],
             run.run_name or "-",
             names.get(run.experiment_id, run.experiment_id),
-            run.status.name,
+            status_word(run),
             fmt_time(run.start_time),
             duration(run),
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .._heartbeat import status_word
 from ..store import StoreError
 from .common import (
     URI_HELP,
@@ -48,7 +49,7 @@ def _show(args: argparse.Namespace) -> int:
         f"run         {run.run_id}",
         f"name        {run.run_name or '-'}",
         f"experiment  {experiment} (id {run.experiment_id})",
-        f"status      {run.status.name}" + (" (deleted)" if run.lifecycle_stage == "deleted" else ""),
+        f"status      {status_word(run)}" + (" (deleted)" if run.lifecycle_stage == "deleted" else ""),
         f"start       {fmt_time(run.start_time)}",
         f"end         {fmt_time(run.end_time)}",
         f"duration    {duration(run)}",

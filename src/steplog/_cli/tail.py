@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from .._heartbeat import is_dead, status_word
 from .._records import MetricPoint, RunStatus
 from ..store import StoreError
 from . import CommandError
@@ -106,14 +107,14 @@ def _tail_plain(watcher: Any, args: argparse.Namespace) -> None:
     out.flush()
     if not args.follow:
         return
-    while run.status == RunStatus.RUNNING:
+    while run.status == RunStatus.RUNNING and not is_dead(run):
         time.sleep(args.interval)
         changed = watcher.poll()
         run = _refresh(watcher, run)
-        if run.status != RunStatus.RUNNING:
+        if run.status != RunStatus.RUNNING or is_dead(run):
             changed.update(watcher.poll())  # what was written between the look and the close
         _print_changes(changed, watcher, out)
-    out.write(f"run {run.run_id[:8]} ended: {run.status.name}, {duration(run)}\n")
+    out.write(f"run {run.run_id[:8]} ended: {status_word(run)}, {duration(run)}\n")
     out.flush()
 
 
@@ -157,7 +158,7 @@ def _tail_rich(watcher: Any, args: argparse.Namespace) -> None:
         console.print(render(run))
         return
     with Live(render(run), console=console, refresh_per_second=4, auto_refresh=False) as live:
-        while run.status == RunStatus.RUNNING:
+        while run.status == RunStatus.RUNNING and not is_dead(run):
             time.sleep(args.interval)
             watcher.poll()
             run = _refresh(watcher, run)

@@ -204,7 +204,7 @@ class Guard:
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
-    from .._run import Options
+    from .._destinations import Options
 
     unknown = set(options) - {f.name for f in dataclasses.fields(Options)}
     if unknown:

@@ -60,8 +60,8 @@ from .._journal import Journal
 from .._records import ArtifactRecord, RunInfo, RunStatus
 from .._runmeta import check_run_id, system_tags
 from ..typing import Batch, RunRequest
+from ._rest.client import API, AuthError, NotMlflowError, replay_sync
 from ._rest.client import RUN_KEY_TAG as RUN_KEY_TAG
-from ._rest.client import AuthError, NotMlflowError, replay_sync
 from ._rest.client import RestClient as RestClient
 from ._rest.client import artifact_files as artifact_files
 from ._rest.encode import MAX_BODY_BYTES as MAX_BODY_BYTES
@@ -488,6 +488,62 @@ class MlflowRestSink:
         if self._info is None:
             raise WriteError("the MLflow REST sink was used before open()")
         return self._info
+
+    # ------------------------------------------------------------------ resume (steplog._resume)
+
+    async def resume(self, run_id: str) -> Any:
+        """Read a run to resume (``runs/get``) and mark it RUNNING again (``runs/update``).
+
+        Returns a :class:`steplog._resume.ResumeState`. MLflow's server keeps the old end time
+        (its ``runs/update`` cannot clear one); the next close overwrites it.
+        """
+        from .._resume import ResumeState, check_run_id
+
+        client = RestClient(self.uri, timeout=self._request_timeout, retry=self._retry, transport=self._transport)
+        deadline = anyio.current_time() + self._start_timeout
+        try:
+            try:
+                answer = await client.call(
+                    "GET",
+                    f"{API}/runs/get",
+                    params={"run_id": run_id},
+                    deadline=deadline,
+                    what=f"resuming run {run_id}",
+                )
+            except ServerError as exc:
+                if exc.status in (400, 404):
+                    raise StepLogError(
+                        f"run {run_id} does not exist on {self.display_uri} (or is deleted): check the run id "
+                        "and the tracking_uri (a run is resumed where it was logged)"
+                    ) from exc
+                raise
+            run = answer["run"]
+            info, data = run["info"], run.get("data") or {}
+            if info.get("lifecycle_stage") == "deleted":
+                raise StepLogError(f"run {run_id} is deleted on {self.display_uri}: restore it to resume it")
+            await client.call(
+                "POST", f"{API}/runs/update", json={"run_id": run_id, "status": "RUNNING"}, deadline=deadline,
+                what=f"resuming run {run_id}",
+            )  # fmt: skip
+        finally:
+            with anyio.CancelScope(shield=True):
+                await client.aclose()
+        metrics = data.get("metrics") or []
+        return ResumeState(
+            run_id=check_run_id(str(info.get("run_id")), f"the run id {self.display_uri} answered"),
+            experiment_id=str(info["experiment_id"]),
+            run_name=str(info.get("run_name") or run_id),
+            start_time=int(info.get("start_time") or time.time() * 1000),
+            params={str(p["key"]): str(p.get("value", "")) for p in data.get("params") or []},
+            tags={str(t["key"]): str(t.get("value", "")) for t in data.get("tags") or []},
+            metric_keys=tuple(str(m["key"]) for m in metrics),
+            last_step=max(
+                (int(m.get("step") or 0) for m in metrics if not str(m["key"]).startswith("system/")), default=0
+            ),
+            last_system_step=max(
+                (int(m.get("step") or 0) for m in metrics if str(m["key"]).startswith("system/")), default=-1
+            ),
+        )
 
 
 def _run_info(info: dict[str, Any], request: RunRequest, display_uri: str) -> RunInfo:

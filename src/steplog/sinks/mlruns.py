@@ -444,6 +444,27 @@ class MlrunsSink:
                     _key, handle = self._files.popitem()
                     os.close(handle.fd)
 
+    # ------------------------------------------------------------------ long jobs (steplog._jobs)
+
+    def experiment_for(self, name: str) -> str:
+        """The id of experiment ``name``, created if missing (under the store's lock, as in :meth:`open_sync`)."""
+        root = self.root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with _locked(root):
+                (root / ".trash").mkdir(exist_ok=True)
+                if not any(_is_experiment_dir(p) for p in root.iterdir()):
+                    self._write_experiment(DEFAULT_EXPERIMENT_ID, DEFAULT_EXPERIMENT_NAME)
+                experiment_id = self._find_experiment(name)
+                if experiment_id is None:
+                    experiment_id = new_experiment_id()
+                    while (root / experiment_id).exists():
+                        experiment_id = new_experiment_id()
+                    self._write_experiment(experiment_id, name)
+        except OSError as exc:
+            raise WriteError(f"cannot create the experiment in {root}: {exc}") from exc
+        return experiment_id
+
 
 # ---------------------------------------------------------------------------- helpers
 
