@@ -118,6 +118,10 @@ def test_the_run_id_comes_from_the_environment(tmp_path: Path, monkeypatch: pyte
         again.log_metric("loss", 2.0, step=1)
     assert again.run_id == first.run_id
     assert len(steplog.Store(store).metric_history(first.run_id, "loss")) == 2
+    with steplog.start_run("e", tracking_uri=store, run_id="") as fresh:  # "": a new run, whatever the environment
+        fresh.log_metric("loss", 3.0, step=0)
+    assert fresh.run_id != first.run_id
+    assert [3.0] == list(steplog.Store(store).metric_history(fresh.run_id, "loss").values)
 
 
 def test_unknown_and_malformed_run_ids_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +129,7 @@ def test_unknown_and_malformed_run_ids_are_refused(tmp_path: Path, monkeypatch: 
     store = tmp_path / "mlruns"
     with pytest.raises(StepLogError, match=f"does not exist in {store}"):
         steplog.start_run("e", tracking_uri=store, run_id="ab" * 16)
-    for bad in ("../x", "a/b", "", "x" * 300, ".hidden"):
+    for bad in ("../x", "a/b", "x" * 300, ".hidden"):
         with pytest.raises(InvalidValueError, match="run id"):
             steplog.start_run("e", tracking_uri=store, run_id=bad)
     monkeypatch.setenv("MLFLOW_RUN_ID", "../../etc")

@@ -46,7 +46,7 @@ class Options:
     journal_dir: str | None = None
     """Where a tracking server's outage journal goes (default STEPLOG_JOURNAL_DIR or ./steplog-journal)."""
     run_id: str | None = None
-    """Resume this run (default: STEPLOG_RUN_ID, then MLFLOW_RUN_ID)."""
+    """Resume this run (default: STEPLOG_RUN_ID, then MLFLOW_RUN_ID); ``""`` starts a new run whatever they say."""
     rewind_to_step: int | None = None
     """With ``run_id``: remove every point with a step above this before logging resumes (local stores)."""
     parent_run_id: str | None = None
@@ -78,7 +78,7 @@ class Options:
         from ._resume import check_run_id
         from ._validation import INT64_MAX
 
-        if self.run_id is not None:
+        if self.run_id:  # "" means a new run, whatever STEPLOG_RUN_ID / MLFLOW_RUN_ID say
             check_run_id(self.run_id)
         if self.parent_run_id is not None:
             check_run_id(self.parent_run_id, "parent_run_id")

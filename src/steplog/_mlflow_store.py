@@ -390,7 +390,9 @@ class _SteplogStoreMixin:
                 run_name=run_name or name_tag,
                 tracking_uri=self._target,
                 tags=wanted,
-                **self.run_options,
+                # MLflow's create_run always creates: MLflow itself resumes MLFLOW_RUN_ID through
+                # get_run/update_run_info, and every process writes its own runs, as with plain MLflow
+                **{"run_id": "", "ranks": "off", **self.run_options},
             )
             run.__enter__()  # started inside an event loop, a run waits for `async with`: start its thread now
         run_id = run.run_id

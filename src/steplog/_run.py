@@ -792,7 +792,7 @@ def _plan_job(experiment: str, opts: Options, run_name: str | None) -> JobPlan:
     if mode == "zero":
         return JobPlan(mode=mode, ranks=ranks, writes=ranks.is_zero)
     if mode == "each":
-        if opts.run_id is not None:
+        if opts.run_id:
             raise InvalidValueError(
                 "run_id and ranks='each' cannot be combined: each rank writes its own child run of the job's "
                 "parent; resume with ranks='zero' (rank 0 resumes the run), or restart the job under the same job id"
@@ -804,7 +804,9 @@ def _plan_job(experiment: str, opts: Options, run_name: str | None) -> JobPlan:
 def _resume_spec(opts: Options, job: JobPlan, run_name: str | None) -> ResumeSpec | None:
     """What to resume: ``run_id=``, else ``STEPLOG_RUN_ID``, else ``MLFLOW_RUN_ID``; None for a new run."""
     run_id = opts.run_id
-    if run_id is None and job.mode != "each":
+    if run_id == "":  # a new run, whatever the environment says (MLflow's own create_run, a sweep's trials)
+        run_id = None
+    elif run_id is None and job.mode != "each":
         found = run_id_from_env()
         run_id = None if found is None else found[0]
     if run_id is None:
