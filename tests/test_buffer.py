@@ -6,7 +6,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -172,7 +174,7 @@ def test_a_rejected_step_does_not_change_the_current_step() -> None:
 def test_a_key_cannot_be_both_file_and_folder(kind: str, first: str, second: str) -> None:
     """`a` then `a/b` (or the reverse) is refused at the call for metrics, params and tags, naming both keys."""
     run, sink = memory_run()
-    log = {
+    log: Callable[[str], None] = {
         "metric": lambda key: run.log_metric(key, 1.0),
         "param": lambda key: run.log_param(key, 1),
         "tag": lambda key: run.set_tag(key, 1),
@@ -183,7 +185,7 @@ def test_a_key_cannot_be_both_file_and_folder(kind: str, first: str, second: str
             log(second)
         assert repr(min(first, second, key=len)) in str(caught.value)
         log("a-sibling/b")  # unrelated keys still work
-    written = {"metric": sink.metrics, "param": sink.params, "tag": sink.tags}[kind]
+    written: dict[str, Any] = {"metric": sink.metrics, "param": sink.params, "tag": sink.tags}[kind]  # type: ignore[assignment]  # three dicts of different value types
     assert {first, "a-sibling/b"} <= set(written)
     assert second not in written
 
@@ -192,7 +194,12 @@ def test_a_key_cannot_be_both_file_and_folder(kind: str, first: str, second: str
 def test_a_clash_within_one_call_is_refused(kind: str, tmp_path: Path) -> None:
     """`{"a": .., "a/b": ..}` in one call is refused and nothing of it is written (it would wedge the writer)."""
     with steplog.start_run("clash", tracking_uri=tmp_path / "mlruns") as run:
-        call = {"metric": run.log_metrics, "param": run.log_params, "tag": run.set_tags}[kind]
+        calls: dict[str, Callable[[dict[str, Any]], None]] = {
+            "metric": run.log_metrics,
+            "param": run.log_params,
+            "tag": run.set_tags,
+        }
+        call = calls[kind]
         with pytest.raises(InvalidKeyError, match="both a file and a folder"):
             call({"a": 1.0, "a/b": 2.0})
         call({"ok": 1.0})
@@ -354,9 +361,9 @@ def test_a_forked_child_cannot_log_through_its_parents_run() -> None:
                 os._exit(0)
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
-            message = pipe.read().decode()
+            text = pipe.read().decode()
         os.waitpid(pid, 0)
         run.log_metric("x", 3.0)  # the parent goes on
-    assert message.startswith("StepLogError: this run belongs to process")
-    assert str(os.getpid()) in message
+    assert text.startswith("StepLogError: this run belongs to process")
+    assert str(os.getpid()) in text
     assert [1.0, 3.0] == sink.values("x")

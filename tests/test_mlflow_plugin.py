@@ -265,11 +265,11 @@ def test_get_run_of_a_run_being_written_matches_mlflows_reader_without_io(tmp_pa
             touched.append(run_id)
             return real_info(self, run_id)
 
-        SteplogFileStore._get_run_info = spy
+        SteplogFileStore._get_run_info = spy  # type: ignore[method-assign]  # a spy on purpose
         try:
             cached = store.get_run(run.info.run_id)
         finally:
-            SteplogFileStore._get_run_info = real_info
+            SteplogFileStore._get_run_info = real_info  # type: ignore[method-assign]  # the spy removed
         assert [] == touched
         store.flush_runs()
         with_mlflows_reader = MlflowClient((tmp_path / "mlruns").as_uri()).get_run(run.info.run_id)

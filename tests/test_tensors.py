@@ -2,7 +2,7 @@
 
 No GPU here: the deferral machinery (placeholders, one stacked copy per writer cycle,
 events, the ring, the bound and its blocking fallback) is driven through
-``steplog._tensors.defer_cpu_tensors``, which treats CPU tensors as device tensors
+``steplog.testing.defer_cpu_tensors``, which treats CPU tensors as device tensors
 behind a stand-in backend whose "events" complete when the test says so.
 """
 
@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import steplog
-from steplog._tensors import CpuBackend, DeviceValues, defer_cpu_tensors
-from steplog.testing import MemorySink
+from steplog import InvalidValueError
+from steplog._tensors import DeviceValues
+from steplog.testing import CpuBackend, MemorySink, defer_cpu_tensors
 
 
 def bits(value: float) -> bytes:
@@ -508,3 +510,33 @@ def test_float_only_runs_never_resolve() -> None:
         run.log_metric("b", torch.tensor(2.0), step=0)
     assert (set(), [2.0], 0) == (run._tensors.keys, sink.values("b"), run.stats().blocking_reads)
     assert not math.isnan(sink.values("a")[0])
+
+
+class _BrokenFloat(float):
+    """A float subclass whose conversion raises, as a user's buggy number type might."""
+
+    def __float__(self) -> float:
+        raise ArithmeticError("broken __float__")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: np.timedelta64(5, "s"),
+        lambda: torch.tensor(1.0, device="meta"),
+        lambda: _BrokenFloat(1.0),
+    ],
+    ids=["numpy-timedelta64", "meta-tensor", "float-subclass-raising"],
+)
+def test_values_that_cannot_be_read_are_refused_naming_the_key(make: Callable[[], Any]) -> None:
+    """A value whose conversion raises (TypeError, RuntimeError, anything) becomes InvalidValueError naming the key."""
+    sink = MemorySink()
+    with steplog.start_run("values", sinks=[sink]) as run:
+        run.log_metric("fine", 1.0)
+        with pytest.raises(InvalidValueError, match="'odd/value'"):
+            run.log_metric("odd/value", make())
+        with pytest.raises(InvalidValueError, match="'odd/value'"):
+            run.log_metrics({"ok": 2.0, "odd/value": make()})
+    assert sink.values("fine") == [1.0]
+    assert "odd/value" not in sink.metrics
+    assert "ok" not in sink.metrics  # all or nothing

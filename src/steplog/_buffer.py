@@ -25,7 +25,7 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, SupportsIndex
 
 from ._errors import BufferFullError, InvalidKeyError, InvalidValueError, ParamChangedError, RunStateError, StepLogError
 from ._records import ArtifactRecord
@@ -151,16 +151,44 @@ class Buffer:
         self.asleep = False
         """Set by the writer while it sleeps; a step boundary then wakes it (at most once a sleep)."""
         self.wake: Callable[[], object] = _noop
-        """Schedules the writer's wake-up from any thread (set by the host)."""
-        self.loop_thread: int | None = None
-        """Thread id of the event loop the writer runs in, where blocking would deadlock (async hosting)."""
+        """Schedules the writer's wake-up from any thread (given by :meth:`attach_writer`)."""
+        self._loop_thread: int | None = None
         self.writer_alive: Callable[[], bool] = lambda: True
-        self.pending_records: Callable[[], int] = lambda: 0
+        self._pending_records: Callable[[], int] = lambda: 0
         _live_buffers.add(self)
+
+    # ------------------------------------------------------------------ wiring (see _writer's docstring)
+
+    def attach_writer(self, *, wake: Callable[[], None], alive: Callable[[], bool], loop_thread: int | None) -> None:
+        """Connect the writer's host: called once when the writer starts.
+
+        ``wake`` schedules the writer's wake-up from any thread; ``alive`` says whether a
+        writer will still drain (a blocked caller gives up otherwise); ``loop_thread`` is the
+        thread id of the event loop the writer runs in when that loop is the caller's own
+        (async hosting), where waiting for room would deadlock.
+        """
+        self.wake = wake
+        self.writer_alive = alive
+        self._loop_thread = loop_thread
+
+    @property
+    def loop_thread(self) -> int | None:
+        """Thread id of the event loop the writer runs in, when it is the caller's (async hosting)."""
+        return self._loop_thread
+
+    @loop_thread.setter
+    def loop_thread(self, value: int | None) -> None:  # the run's old wiring; attach_writer() replaces it
+        self._loop_thread = value
+
+    def set_pending_source(self, pending: Callable[[], int]) -> None:
+        """The writer's count of records it holds (read under ``count_lock`` by :meth:`queued`)."""
+        self._pending_records = pending
 
     # ------------------------------------------------------------------ hot path
 
-    def log_metric(self, key: str, value: Any, step: int | None = None, timestamp: int | None = None) -> None:
+    def log_metric(
+        self, key: str, value: Any, step: SupportsIndex | None = None, timestamp: SupportsIndex | None = None
+    ) -> None:
         """Queue one metric point; see :meth:`steplog.Run.log_metric`."""
         try:
             col = self._cols[key]
@@ -189,7 +217,9 @@ class Buffer:
                 return None
         return self._log_slow(key, value, step, timestamp)
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: SupportsIndex | None = None, timestamp: SupportsIndex | None = None
+    ) -> None:
         """Queue several points of one step; all or nothing (every item is checked first)."""
         if timestamp is None and self._cap > 0 and metrics.__class__ is dict:
             if step is None:
@@ -216,13 +246,14 @@ class Buffer:
                     if len(col) < cap:
                         col += (ts, value, step)
                     else:
-                        self._log_slow(key, value, step, None)
+                        return self._log_metrics_rest(metrics, key, ts, step)
                 return None
         return self._log_metrics_slow(metrics, step, timestamp)
 
     # ------------------------------------------------------------------ slow path
 
-    def _check_usable(self) -> None:
+    def check_usable(self) -> None:
+        """Raise if this run cannot take calls here: a forked child (StepLogError) or a closed run (RunStateError)."""
         if self._forked or os.getpid() != self._pid:
             raise StepLogError(
                 f"this run belongs to process {self._pid}; a forked child (pid {os.getpid()}) cannot log "
@@ -231,6 +262,36 @@ class Buffer:
             )
         if self._closed_reason is not None:
             raise RunStateError(self._closed_reason)
+
+    def seed(self, *, params: Mapping[str, str], tags: Iterable[str], metric_keys: Iterable[str], step: int) -> None:
+        """Tell a resumed run's buffer what the run already holds, before anything is logged.
+
+        Params logged again must keep their value (ParamChangedError otherwise), existing keys still
+        clash with a file/folder twin, and ``step=None`` continues from ``step``.
+        """
+        with self._lock:
+            for key, text in params.items():
+                if key not in self._params:  # a param logged before the start (async code) is checked when written
+                    self._params[key] = text
+                    self._param_keys.add(key)
+            for key in tags:
+                self._tag_keys.add(key)
+            for key in metric_keys:
+                self._metric_keys.add(key)
+            if self._step == 0:  # unless steps were logged before the start: they are the newer ones
+                self._step = step
+
+    def log_side_metrics(self, metrics: Mapping[str, Any], step: int, timestamp: int) -> None:
+        """Queue points at ``step`` without moving the run's current step (system metrics' own counter).
+
+        Called from a sampler thread, never from the hot path; validated like any log call.
+        """
+        self.check_usable()
+        prepared = [self._prepare(key, value) for key, value in metrics.items()]
+        for col, value in prepared:
+            if len(col) >= self._cap and not self._make_room(col):
+                continue
+            col += (timestamp, value, step)
 
     def _column(self, key: Any) -> list[Any]:
         col = self._cols.get(key) if isinstance(key, str) else None
@@ -251,11 +312,19 @@ class Buffer:
         col = self._column(key)
         if value.__class__ is not float:
             hook = self._value_hook
-            value = to_value(key, value) if hook is None else hook(key, value)
+            try:
+                value = to_value(key, value) if hook is None else hook(key, value)
+            except StepLogError:
+                raise
+            except Exception as exc:  # np.timedelta64, a meta tensor, a __float__ that raises: the user's value
+                raise InvalidValueError(
+                    f"metric {key!r}: a value of type {type(value).__name__} is not allowed: it cannot be read "
+                    f"as a real number ({type(exc).__name__}: {exc})"
+                ) from exc
         return col, value
 
     def _log_slow(self, key: Any, value: Any, step: Any, timestamp: Any) -> None:
-        self._check_usable()
+        self.check_usable()
         # step and timestamp first: a refused call registers nothing, not even its key
         ts = None if timestamp is None else _for_keys((key,), to_timestamp, timestamp)
         if step is not None:
@@ -271,7 +340,7 @@ class Buffer:
         return None
 
     def _log_metrics_slow(self, metrics: Mapping[str, Any], step: Any, timestamp: Any) -> None:
-        self._check_usable()
+        self.check_usable()
         if not isinstance(metrics, Mapping):
             raise InvalidKeyError(f"log_metrics() takes a mapping of metric key to value, not {type(metrics).__name__}")
         ts = None if timestamp is None else _for_keys(metrics, to_timestamp, timestamp)
@@ -280,10 +349,39 @@ class Buffer:
         if step != self._step:
             self._boundary(step)
         stamp = self._ts if ts is None else ts
+        if self._on_full == "raise" and any(len(col) >= self._cap for col, _v in prepared):
+            # all or nothing: refuse now if some key would meet a full buffer once the keys before it are in
+            queued = self.queued()
+            for i, (col, _value) in enumerate(prepared):
+                if len(col) >= self._cap and queued + i >= self._max_buffer:
+                    raise self._full_error()  # before any key is queued
         for col, value in prepared:
-            if len(col) >= self._cap and not self._make_room(col):
+            if len(col) >= self._cap and not self._make_room(col, partial=True):
                 continue
             col += (stamp, value, step)
+
+    def _log_metrics_rest(self, metrics: Mapping[str, Any], missed: str, stamp: int, step: int) -> None:
+        """The fast path's keys from ``missed`` on, which found their column full.
+
+        All or nothing: if ``missed`` is the call's first key nothing is queued yet and the
+        whole call takes the slow path (which may refuse it); otherwise the call is already
+        partly queued and ``on_full="raise"`` lets the rest in (at most one call's keys past
+        ``max_buffer``) rather than refuse half a step.
+        """
+        items = iter(metrics.items())
+        first = True
+        for key, _value in items:
+            if key == missed:
+                break
+            first = False
+        if first:
+            return self._log_metrics_slow(metrics, step, None)
+        for key, value in [(missed, metrics[missed]), *items]:
+            col = self._cols[key]
+            if len(col) >= self._cap and not self._make_room(col, partial=True):
+                continue
+            col += (stamp, value, step)
+        return None
 
     def _boundary(self, step: int) -> None:
         self._step = step
@@ -294,9 +392,12 @@ class Buffer:
             self.asleep = False
             self.wake()
 
-    def _make_room(self, col: list[Any]) -> bool:
-        """Apply ``on_full`` once the buffer holds ``max_buffer`` records; False means drop this record."""
-        self._check_usable()
+    def _make_room(self, col: list[Any], *, partial: bool = False) -> bool:
+        """Apply ``on_full`` once the buffer holds ``max_buffer`` records; False means drop this record.
+
+        ``partial``: part of this call is queued already, so ``on_full="raise"`` lets it in.
+        """
+        self.check_usable()
         if self.queued() < self._max_buffer:
             # this column grows past its share: shrink the other keys' shares, or the fast path would
             # let them fill the room it takes (rare: only while the writer is behind)
@@ -317,10 +418,9 @@ class Buffer:
                 )
             return False
         if self._on_full == "raise":
-            raise BufferFullError(
-                f"the buffer is full ({self._max_buffer} records): the writer is behind or stalled. "
-                "Raise max_buffer, log less often, or use on_full='block' or 'drop'"
-            )
+            if partial:
+                return True
+            raise self._full_error()
         if self.loop_thread == threading.get_ident():
             raise BufferFullError(
                 f"the buffer is full ({self._max_buffer} records) and waiting here would block the event loop "
@@ -329,17 +429,23 @@ class Buffer:
         self.wake()
         with self._drained:
             while self.queued() >= self._max_buffer:
-                self._check_usable()
+                self.check_usable()
                 if not self.writer_alive():
                     raise BufferFullError(f"the buffer is full ({self._max_buffer} records) and the writer has stopped")
                 self._drained.wait(0.05)
         return True
 
+    def _full_error(self) -> BufferFullError:
+        return BufferFullError(
+            f"the buffer is full ({self._max_buffer} records): the writer is behind or stalled. "
+            "Raise max_buffer, log less often, or use on_full='block' or 'drop'"
+        )
+
     # ------------------------------------------------------------------ params, tags, artifacts
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Queue params; refuse a key whose value differs from what is already logged."""
-        self._check_usable()
+        self.check_usable()
         with self._lock:
             staged: dict[str, str] = {}
             for key, value in params.items():
@@ -361,7 +467,7 @@ class Buffer:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Queue tags (a tag set again is overwritten)."""
-        self._check_usable()
+        self.check_usable()
         with self._lock:
             staged: list[tuple[str, str]] = []
             for key, value in tags.items():
@@ -374,7 +480,7 @@ class Buffer:
 
     def log_artifact(self, record: ArtifactRecord) -> None:
         """Queue an artifact copy or an in-memory artifact."""
-        self._check_usable()
+        self.check_usable()
         self._events.append(("artifact", record, None))
 
     # ------------------------------------------------------------------ the writer's side
@@ -418,7 +524,7 @@ class Buffer:
 
     def queued(self) -> int:
         """Records logged and not yet written (in the buffer and in the writer's hands)."""
-        return sum(map(len, list(self._cols.values()))) // 3 + self._in_drain + self.pending_records()
+        return sum(map(len, list(self._cols.values()))) // 3 + self._in_drain + self._pending_records()
 
     def queued_by_key(self) -> dict[str, int]:
         """Records still in the buffer, per key."""
@@ -475,6 +581,11 @@ class Buffer:
         """Refuse further calls with a RunStateError carrying ``reason``."""
         self._closed_reason = reason
         self._cap = -1
+
+    def seal(self, reason: str) -> None:
+        """Refuse further calls (the writer's last drain follows): like :meth:`close`, unless already closed."""
+        if self._closed_reason is None:
+            self.close(reason)
 
     def detach(self) -> None:
         """Stop tracking this buffer for fork handling."""

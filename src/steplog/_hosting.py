@@ -20,7 +20,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
@@ -47,11 +47,9 @@ __all__ = [
     "attach_writer",
     "bounded",
     "check_usable",
-    "log_side_metrics",
     "now_ms",
     "open_run",
     "raise_if_unwritten",
-    "seed_buffer",
     "unwritten_error",
     "writer_last_error",
     "writer_lost",
@@ -82,68 +80,38 @@ def attach_writer(
 ) -> None:
     """Wire the buffer to a started writer: how to wake it, whether it lives, which thread runs its loop."""
     wake = writer.wake
-    buffer.wake = lambda: schedule(wake)
-    buffer.writer_alive = lambda: writer.alive or not writer.started
-    buffer.loop_thread = loop_thread
+
+    def wake_writer() -> None:
+        schedule(wake)
+
+    buffer.attach_writer(
+        wake=wake_writer,
+        alive=lambda: writer.alive or not writer.started,
+        loop_thread=loop_thread,
+    )
 
 
 def check_usable(buffer: Buffer) -> None:
     """Raise the buffer's own error when it refuses calls (closed, or a forked child)."""
-    buffer._check_usable()
+    buffer.check_usable()
 
 
 def writer_last_error(writer: Writer) -> BaseException | None:
-    return writer._last_error
+    return writer.last_error
 
 
 def writer_pending(writer: Writer) -> bool:
     """True while records are not acknowledged by every sink."""
-    return bool(writer._pending)
+    return writer.pending
 
 
 def raise_if_unwritten(writer: Writer) -> None:
-    writer._raise_if_unwritten()
-
-
-def seed_buffer(
-    buffer: Buffer, *, params: Mapping[str, str], tags: Iterable[str], metric_keys: Iterable[str], step: int
-) -> None:
-    """Tell a resumed run's buffer what the run already holds, before anything is logged.
-
-    Params logged again must keep their value (ParamChangedError otherwise), existing keys still
-    clash with a file/folder twin, and ``step=None`` continues from ``step``.
-    """
-    with buffer._lock:
-        for key, text in params.items():
-            if key not in buffer._params:  # a param logged before the start (async code) is checked when written
-                buffer._params[key] = text
-                buffer._param_keys.add(key)
-        for key in tags:
-            buffer._tag_keys.add(key)
-        for key in metric_keys:
-            buffer._metric_keys.add(key)
-        if buffer._step == 0:  # unless steps were logged before the start: they are the newer ones
-            buffer._step = step
-
-
-def log_side_metrics(buffer: Buffer, metrics: Mapping[str, Any], step: int) -> None:
-    """Queue points at ``step`` without moving the run's current step (system metrics' own counter).
-
-    Called from a sampler thread, never from the hot path; validated like any log call.
-    """
-    buffer._check_usable()
-    ts = now_ms()
-    prepared = [buffer._prepare(key, value) for key, value in metrics.items()]
-    for col, value in prepared:
-        if len(col) >= buffer._cap and not buffer._make_room(col):
-            continue
-        col += (ts, value, step)
+    writer.raise_if_unwritten()
 
 
 def writer_lost(writer: Writer) -> int:
     """Records a sink refused for good (such a run does not end FINISHED)."""
-    lost: Any = getattr(writer, "lost", 0)
-    return int(lost)
+    return writer.lost
 
 
 # ---------------------------------------------------------------------------- opening

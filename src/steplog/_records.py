@@ -39,7 +39,7 @@ class RunInfo:
 class Stats:
     """What a run has done so far (``run.stats()``).
 
-    ``logged == written + queued + dropped`` once the writer has taken what it drained;
+    ``logged == written + queued + dropped + lost`` once the writer has taken what it drained;
     latencies are seconds from the moment the oldest record of a write was logged until
     the write returned.
     """
@@ -59,6 +59,8 @@ class Stats:
     """Device tensor values (CUDA, JAX) read with a blocking copy at the log call, because
     the most values allowed to wait on the device were waiting (see the README's GPU section).
     ``dropped`` also counts device values modified in place before they could be read."""
+    lost: int = 0
+    """Metric points a sink refused for good (a name the file system cannot hold, say): never written."""
 
 
 class MetricPoint(NamedTuple):

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 import anyio
 import anyio.to_thread
@@ -33,10 +33,8 @@ from ._hosting import (
     LoopHosting,
     ThreadHosting,
     check_usable,
-    log_side_metrics,
     now_ms,
     open_run,
-    seed_buffer,
     unwritten_error,
     writer_last_error,
     writer_lost,
@@ -121,7 +119,9 @@ class Run:
 
     # ------------------------------------------------------------------ hot path
 
-    def log_metric(self, key: str, value: Any, step: int | None = None, timestamp: int | None = None) -> None:
+    def log_metric(
+        self, key: str, value: Any, step: SupportsIndex | None = None, timestamp: SupportsIndex | None = None
+    ) -> None:
         """Log one metric point; returns at once (no I/O, no lock, no wait).
 
         Args:
@@ -140,7 +140,9 @@ class Run:
         """
         self._buffer.log_metric(key, value, step, timestamp)
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, Any], step: SupportsIndex | None = None, timestamp: SupportsIndex | None = None
+    ) -> None:
         """Log several metrics of one step; all are checked before any is queued."""
         self._buffer.log_metrics(metrics, step, timestamp)
 
@@ -376,9 +378,7 @@ class Run:
                 run_name=resume.run_name or state.run_name,
                 tags=tags,
             )
-            seed_buffer(
-                self._buffer, params=state.params, tags=state.tags, metric_keys=state.metric_keys, step=state.last_step
-            )
+            self._buffer.seed(params=state.params, tags=state.tags, metric_keys=state.metric_keys, step=state.last_step)
             self._system_first_step = state.last_system_step + 1
         return await open_run(writer, request)
 
@@ -410,7 +410,7 @@ class Run:
 
             buffer = self._buffer
             sampler = SystemMetrics(
-                lambda metrics, step: log_side_metrics(buffer, metrics, step),
+                lambda metrics, step: buffer.log_side_metrics(metrics, step, now_ms()),
                 interval=self._options.system_metrics_interval,
                 first_step=getattr(self, "_system_first_step", 0),
             )

@@ -64,7 +64,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Protocol
 
 import anyio
 
@@ -146,51 +146,6 @@ class CudaBackend:
 
     def wait(self, event: Any) -> None:
         event.synchronize()
-
-
-class ManualEvent:
-    """A stand-in for a device event: complete when ``done`` is set (tests and benchmarks)."""
-
-    __slots__ = ("done",)
-
-    def __init__(self, done: bool) -> None:
-        self.done = done
-
-
-class CpuBackend:
-    """Treats CPU tensors like device tensors, so the deferral runs without a GPU (tests, benchmarks).
-
-    ``auto_complete=False`` leaves every copy in flight until :meth:`complete` is called,
-    which is how tests fill the ring.
-    """
-
-    def __init__(self, *, auto_complete: bool = True) -> None:
-        self._torch: Any = importlib.import_module("torch")
-        self.auto_complete = auto_complete
-        self.events: list[ManualEvent] = []
-        self.copies = 0
-        self.waits = 0
-
-    def stream(self, device: int) -> int:
-        return 0
-
-    def copy(self, device: int, stream: int, tensors: list[Any]) -> tuple[Any, Any]:
-        self.copies += 1
-        event = ManualEvent(self.auto_complete)
-        self.events.append(event)
-        return self._torch.stack(tensors), event
-
-    def done(self, event: Any) -> bool:
-        return bool(event.done)
-
-    def wait(self, event: Any) -> None:
-        self.waits += 1
-        event.done = True
-
-    def complete(self) -> None:
-        """Complete every copy started so far."""
-        for event in self.events:
-            event.done = True
 
 
 class _Copy:
@@ -550,40 +505,10 @@ def _jax_ready(x: Any) -> bool:
     return True if is_ready is None else bool(is_ready())
 
 
-_B = TypeVar("_B", bound=Backend)
+def __getattr__(name: str) -> Any:
+    # the CPU stand-ins moved to steplog.testing; benchmarks/gpu_sync.py still imports them from here
+    if name in ("CpuBackend", "ManualEvent", "defer_cpu_tensors"):
+        from . import testing
 
-
-@overload
-def defer_cpu_tensors(
-    values: DeviceValues, backend: None = None, *, max_outstanding: int | None = None, ring: int | None = None
-) -> CpuBackend: ...
-
-
-@overload
-def defer_cpu_tensors(
-    values: DeviceValues, backend: _B, *, max_outstanding: int | None = None, ring: int | None = None
-) -> _B: ...
-
-
-def defer_cpu_tensors(
-    values: DeviceValues,
-    backend: Backend | None = None,
-    *,
-    max_outstanding: int | None = None,
-    ring: int | None = None,
-) -> Backend:
-    """Testing seam: make ``values`` defer CPU torch tensors (and CPU JAX arrays) through ``backend``.
-
-    Call it on ``run._tensors`` before the run logs a tensor. Returns the backend in use
-    (a :class:`CpuBackend` unless one is given).
-    """
-    if backend is None:
-        backend = CpuBackend()
-    values._backend = backend
-    values._defer_cpu = True
-    values._handlers.clear()
-    if max_outstanding is not None:
-        values._max = max_outstanding
-    if ring is not None:
-        values._ring = ring
-    return backend
+        return getattr(testing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,63 +1,204 @@
-"""The one background loop: wait for a trigger, drain, hand batches to sinks, retry, record errors.
+"""The background writer: wait for a trigger, drain, hand batches to every sink, retry, record errors.
 
-The writer is a single anyio task. It sleeps until a step boundary wakes it (at
-most one wake-up per sleep) or ``flush_interval`` passes, keeps at least
-``flush_interval`` between two writes unless a barrier or close is waiting, then
-drains the buffer and gives every sink the same batch. A batch a sink could not
-finish stays in the writer, in order, and is retried with capped backoff before
-anything newer is drained for that sink; meanwhile the buffer fills up to
-``max_buffer`` and ``on_full`` applies. Errors are kept, counted, logged, and
-raised as :class:`~steplog.WriteError` at the next barrier or close that finds
-data unwritten.
+The contract between the buffer, the writer and the sinks (the one place it is written down):
+
+* **Hot path** (``Buffer.log_metric``/``log_metrics``, any thread): appends to a key's column
+  and reads ``Buffer._cap``, ``_step``, ``_ts``, ``asleep``; at a step boundary it may call
+  the ``wake`` given to :meth:`Buffer.attach_writer`. It takes no lock and touches nothing
+  of the writer's.
+* **Buffer side, slow paths** (any thread): new keys, params, ``on_full`` under
+  ``Buffer._lock``; waits for room on ``Buffer._drained``.
+* **Counts** move between the buffer and the writer only under ``Buffer.count_lock``:
+  :meth:`Buffer.drain` counts what it takes (``_in_drain``) as it takes it; the writer
+  hands them over with :meth:`Buffer.set_pending` in the same locked block in which it
+  adds them to ``_pending_points``; a finished slice moves from ``_pending_points`` to
+  ``_written``/``_lost`` under the same lock. :meth:`Writer.stats` reads all of them
+  under it, so ``logged == written + queued + dropped + lost`` in every snapshot.
+* **The writer's own state** (the slices it holds, each sink's queue, backoff and errors)
+  is written only by the writer's tasks in its event loop, or by :meth:`Writer.emergency_flush`
+  when that loop cannot run any more; the run reads it through :attr:`Writer.pending`,
+  :attr:`Writer.last_error`, :attr:`Writer.lost`, :meth:`Writer.stats` and
+  :meth:`Writer.raise_if_unwritten`.
+* **Memory bound**: a slice counts in ``queued`` (and so against ``max_buffer``) until every
+  sink has acknowledged it or refused it for good: the slowest sink's backlog is what counts.
+
+The writer is one anyio task plus one task per sink. The main task sleeps until a step
+boundary wakes it (at most one wake-up per sleep) or ``flush_interval`` passes, keeps at
+least ``flush_interval`` between two drains unless a barrier or close is waiting, then
+drains the buffer into one slice and appends that slice to every sink's queue. Each sink's
+task writes its own queue in order, with its own retry state, so a slow, failing or hung
+sink never delays another. Errors are classified (:func:`is_permanent`): a transient one
+(a full disk, an I/O error, a timeout, the network) is retried with capped backoff; a
+permanent one (a name the file system refuses, a file/folder clash, a sink's
+:class:`~steplog.typing.PermanentWriteError`) drops the one entry it concerns, counted in
+:attr:`Writer.lost`, and the rest is written. Errors are kept, counted, logged, and raised
+as :class:`~steplog.WriteError` at the next barrier or close.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import inspect
 import logging
 import math
+import os
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import FlushTimeoutError, WriteError
+from ._errors import FlushTimeoutError, InvalidValueError, WriteError
 from ._records import ArtifactRecord, RunInfo, RunStatus, Stats
-from .typing import Batch, RunRequest, Sink
+from .typing import Batch, PermanentWriteError, RunRequest, Sink, SyncSink
 
 if TYPE_CHECKING:
     from ._buffer import Buffer, Event
     from ._tensors import DeviceValues
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "is_permanent"]
 
 log = logging.getLogger("steplog")
 
 _MAX_BACKOFF = 5.0
+SINK_TIMEOUT = 60.0
+"""Seconds a barrier waits for a sink stuck in one write before it reports that sink (default)."""
+
+# OS errors that writing the same thing again cannot fix: the name or the layout is refused.
+_PERMANENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENAMETOOLONG", "EINVAL", "EISDIR", "ENOTDIR", "EEXIST", "ENOTEMPTY", "ELOOP", "EILSEQ")
+    if hasattr(errno, name)
+)
 
 
-@dataclasses.dataclass(slots=True)
+def is_permanent(exc: BaseException) -> bool:
+    """True if retrying the write that raised ``exc`` cannot succeed.
+
+    Permanent: a sink's :class:`~steplog.typing.PermanentWriteError`; an OS error whose
+    errno says the name or the layout is refused (``ENAMETOOLONG``, ``EINVAL``, ``EISDIR``,
+    ``ENOTDIR``, ``EEXIST``, ``ENOTEMPTY``, ``ELOOP``, ``EILSEQ``); a ``ValueError`` or
+    ``TypeError`` (a value the sink cannot encode). Everything else (``ENOSPC``, ``EIO``,
+    timeouts, network errors) is transient and retried.
+    """
+    if isinstance(exc, PermanentWriteError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _PERMANENT_ERRNOS
+    return isinstance(exc, ValueError | TypeError)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
 class _Work:
     """One drained slice: a batch per sink (None once that sink finished it)."""
 
+    seq: int
     batches: list[Batch | None]
+    metrics: list[tuple[str, list[Any]]]
     points: int
     params: int
     oldest_ms: int
+    waiting: int
+    """Sinks that have not finished it yet."""
+    lost: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    """Entries some sink refused for good."""
 
-    def finished(self) -> bool:
-        return all(b is None for b in self.batches)
+
+class _Lane:
+    """One sink with its own queue, retry state and task: sinks progress independently."""
+
+    __slots__ = (
+        "backoff",
+        "busy_since",
+        "failures",
+        "force",
+        "index",
+        "name",
+        "queue",
+        "retry_at",
+        "scope",
+        "sink",
+        "wake_event",
+    )
+
+    def __init__(self, index: int, sink: Sink | SyncSink) -> None:
+        self.index = index
+        self.sink = sink
+        self.name = f"{type(sink).__name__}#{index}"
+        self.queue: deque[_Work] = deque()
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        self.failures = 0
+        self.force = False
+        self.busy_since: float | None = None
+        self.wake_event: anyio.Event | None = None
+        self.scope: anyio.CancelScope | None = None
+
+    def poke(self) -> None:
+        """Wake the sink's task (from the writer's loop only)."""
+        if self.wake_event is not None:
+            self.wake_event.set()
+
+    async def open(self, request: RunRequest) -> RunInfo:
+        info: RunInfo = await _call(self.sink.open, request)
+        return info
+
+    async def write(self, batch: Batch) -> None:
+        await _call(self.sink.write, batch)
+
+    async def close(self, status: RunStatus, end_time: int) -> None:
+        await _call(self.sink.close, status, end_time)
+
+    def write_sync(self, batch: Batch) -> None:
+        method = getattr(self.sink, "write_sync", None)
+        if method is None and not inspect.iscoroutinefunction(self.sink.write):
+            method = self.sink.write  # a sync sink: its write is the emergency path too
+        if method is None:
+            raise WriteError(f"sink {self.name} has no write_sync(): it cannot be written without an event loop")
+        method(batch)
+
+    def close_sync(self, status: RunStatus, end_time: int) -> None:
+        method = getattr(self.sink, "close_sync", None)
+        if method is None and not inspect.iscoroutinefunction(self.sink.close):
+            method = self.sink.close
+        if method is not None:
+            method(status, end_time)
+
+    @property
+    def bytes_written(self) -> int:
+        value = getattr(self.sink, "bytes_written", 0)  # optional (see steplog.typing.Sink)
+        return value if isinstance(value, int) else 0
+
+
+async def _call(method: Callable[..., Any], *args: Any) -> Any:
+    """Await an ``async def`` sink method; run a plain one in a worker thread (a sync sink)."""
+    if inspect.iscoroutinefunction(method):
+        return await method(*args)
+    return await anyio.to_thread.run_sync(lambda: method(*args), abandon_on_cancel=True)
 
 
 _SWITCH_INTERVAL = 0.0005
 _switching_lock = threading.Lock()
 _switching_users = 0
 _switching_saved = 0.0
+
+
+def _reset_switching_after_fork() -> None:
+    """In a forked child no writer runs: a lock held by the parent's writer thread would never be released."""
+    global _switching_lock, _switching_users
+    if _switching_users and _switching_saved > _SWITCH_INTERVAL:
+        sys.setswitchinterval(_switching_saved)  # the parent's writer shortened it; the child has none
+    _switching_lock = threading.Lock()
+    _switching_users = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_switching_after_fork)
 
 
 @contextlib.contextmanager
@@ -69,7 +210,7 @@ def _eager_switching() -> Iterator[None]:
     a cycle took over 100 ms and the flush deadline slipped. While any run writes, the
     interval is at most 0.5 ms; the number of switches stays the same (one per system call),
     only the waits get shorter. The user's own setting is restored after the last writer's
-    cycle, unless the user changed it meanwhile.
+    cycle, unless the user changed it meanwhile. (A process-wide setting: see the README.)
     """
     global _switching_users, _switching_saved
     with _switching_lock:
@@ -90,36 +231,79 @@ def _eager_switching() -> Iterator[None]:
 
 
 class Writer:
-    """Moves records from a :class:`~steplog._buffer.Buffer` to sinks; runs as one anyio task."""
+    """Moves records from a :class:`~steplog._buffer.Buffer` to sinks; runs as anyio tasks.
 
-    def __init__(self, buffer: Buffer, sinks: Sequence[Sink], *, flush_interval: float) -> None:
+    Args:
+        sink_timeout: seconds a barrier waits for a sink stuck inside one write before it
+            raises a WriteError naming that sink (the write itself goes on).
+    """
+
+    def __init__(
+        self,
+        buffer: Buffer,
+        sinks: Sequence[Sink | SyncSink],
+        *,
+        flush_interval: float,
+        sink_timeout: float | None = None,
+    ) -> None:
+        if not sinks:
+            raise InvalidValueError(
+                "a run needs at least one sink: pass tracking_uri=..., or sinks=[...] with at least one "
+                "(for a run kept in memory: sinks=[steplog.testing.MemorySink()])"
+            )
         self._buffer = buffer
         self._sinks = list(sinks)
+        self._lanes = [_Lane(i, sink) for i, sink in enumerate(self._sinks)]
         self._interval = flush_interval
-        self._pending: deque[_Work] = deque()
+        self._sink_timeout = SINK_TIMEOUT if sink_timeout is None else sink_timeout
+        self._works: deque[_Work] = deque()  # slices some sink has not finished, oldest first
+        self._seq = 0
         self._pending_points = 0
         self._barriers: list[anyio.Event] = []
         # anyio events need a running loop: created in open(), which runs in the writer's loop
         self._wake_event: anyio.Event = None  # type: ignore[assignment]
         self._finished: anyio.Event = None  # type: ignore[assignment]
+        self._progress: anyio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
         self._stopping = False
         self._running = False
-        self._retry_at = 0.0
         self._last_drain_ms = int(time.time() * 1000)  # nothing can be logged before the writer exists
-        self._backoff = 0.0
-        # statistics (written only by the writer task)
+        # statistics (counts under buffer.count_lock, see the module docstring)
         self._written = 0
+        self._lost = 0
+        self._lost_points = 0
         self._flushes = 0
         self._last_latency = 0.0
         self._max_latency = 0.0
         self._retries = 0
         self._errors = 0
         self._last_error: BaseException | None = None
-        self._unreported: BaseException | None = None
+        self._lost_error: BaseException | None = None  # a refusal not yet raised at a barrier
         self.info: RunInfo | None = None
         self.deferred: DeviceValues | None = None
         """Device tensors logged as values (set by the run); resolved only once a key got one."""
-        buffer.pending_records = self._pending_count
+        buffer.set_pending_source(self._pending_count)
+
+    # ------------------------------------------------------------------ what the run reads
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The last error a sink raised (kept after a retry succeeds, for ``stats()``)."""
+        return self._last_error
+
+    @property
+    def pending(self) -> bool:
+        """True while some drained record is not yet acknowledged (or refused) by every sink."""
+        return bool(self._works)
+
+    @property
+    def _pending(self) -> deque[_Work]:  # old name, until the run uses ``pending``
+        return self._works
+
+    @property
+    def lost(self) -> int:
+        """Records (points, params, tags, artifacts) some sink refused for good: the run did not finish cleanly."""
+        return self._lost
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,9 +311,12 @@ class Writer:
         """Create the run in every sink (the first sink's identity is the run's)."""
         self._wake_event = anyio.Event()
         self._finished = anyio.Event()
-        info = await self._sinks[0].open(request)
-        for sink in self._sinks[1:]:
-            await sink.open(dataclasses.replace(request, run_id=info.run_id))
+        self._progress = anyio.Event()
+        for lane in self._lanes:
+            lane.wake_event = anyio.Event()
+        info = await self._lanes[0].open(request)
+        for lane in self._lanes[1:]:
+            await lane.open(dataclasses.replace(request, run_id=info.run_id))
         self.info = info
         return info
 
@@ -147,79 +334,107 @@ class Writer:
         return self._running
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """The writer task: loop until :meth:`stop` has been asked and everything is handled.
+        """The writer: loop until :meth:`stop` has been asked and everything is handled.
 
         Start it with ``task_group.start`` so that it is running (and :meth:`stop` waits for it)
         before the caller goes on: a body that never awaits may close the run at once.
         """
         self._running = True
-        task_status.started()
-        buffer = self._buffer
-        last_write = -math.inf
         try:
-            while True:
-                if not (self._stopping or self._barriers):
-                    buffer.asleep = True
-                    with anyio.move_on_after(self._interval):
-                        await self._wake_event.wait()
-                    buffer.asleep = False
-                    self._wake_event = anyio.Event()
-                    # least flush_interval between two writes, unless a barrier or close is waiting
-                    delay = last_write + self._interval - time.monotonic()
-                    if delay > 0 and not (self._stopping or self._barriers):
-                        with anyio.move_on_after(delay):
-                            await self._wake_event.wait()
-                        self._wake_event = anyio.Event()
-                buffer.tick()
-                barriers, self._barriers = self._barriers, []
-                with _eager_switching():
-                    wrote = await self._cycle(force=bool(barriers) or self._stopping)
-                if wrote:
-                    last_write = time.monotonic()
-                for event in barriers:
-                    event.set()
-                if self._stopping and not self._has_work():
-                    break
-                if self._stopping and self._pending and not barriers:
-                    # close keeps retrying until its own timeout cancels it
-                    await anyio.sleep(min(max(self._backoff, 0.01), _MAX_BACKOFF))
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                for lane in self._lanes:
+                    tg.start_soon(self._lane_loop, lane)
+                task_status.started()
+                await self._main_loop()
+                tg.cancel_scope.cancel()  # every sink's queue is empty: end their tasks
         finally:
-            buffer.asleep = False
+            self._buffer.asleep = False
             self._finished.set()
             for event in self._barriers:
                 event.set()
-            buffer.notify_drained()
+            self._signal_progress()
+            self._buffer.notify_drained()
+
+    async def _main_loop(self) -> None:
+        buffer = self._buffer
+        last_drain = -math.inf
+        sealed = False
+        forced_on_stop = False
+        while True:
+            if not (self._stopping or self._barriers):
+                buffer.asleep = True
+                with anyio.move_on_after(self._interval):
+                    await self._wake_event.wait()
+                buffer.asleep = False
+                self._wake_event = anyio.Event()
+                # least flush_interval between two drains, unless a barrier or close is waiting
+                delay = last_drain + self._interval - time.monotonic()
+                if delay > 0 and not (self._stopping or self._barriers):
+                    with anyio.move_on_after(delay):
+                        await self._wake_event.wait()
+                    self._wake_event = anyio.Event()
+            buffer.tick()
+            barriers, self._barriers = self._barriers, []
+            force = bool(barriers) or self._stopping
+            with _eager_switching():
+                if await self._take(force=force):
+                    last_drain = time.monotonic()
+            if barriers or (self._stopping and not forced_on_stop):
+                forced_on_stop = self._stopping
+                for lane in self._lanes:  # a barrier or close retries now, not after the backoff
+                    lane.force = True
+                    lane.poke()
+            for event in barriers:
+                event.set()  # the barrier now waits on the sinks themselves (see barrier())
+            if not self._stopping:
+                continue
+            if not sealed:
+                # close: refuse new calls, then give a call already past the hot path's room check
+                # the interpreter lock, so that its append lands before the drains that follow
+                sealed = True
+                buffer.seal("the run is closing: start a new run to log more")
+                await anyio.sleep(2 * sys.getswitchinterval())
+                continue
+            if not self._has_work():
+                break
+            # wait for the sinks (they retry on their own backoff) or for something new
+            with anyio.move_on_after(0.05):
+                await self._wake_event.wait()
+            self._wake_event = anyio.Event()
 
     def _has_work(self) -> bool:
         b = self._buffer
-        return bool(self._pending) or b.queued() > 0 or b.has_events()
+        return bool(self._works) or b.queued() > 0 or b.has_events()
 
-    async def _cycle(self, *, force: bool) -> bool:
-        """Retry what is pending, then drain and write what is new; True if anything was written."""
-        wrote = False
-        if self._pending:
-            if not force and time.monotonic() < self._retry_at:
-                return False
-            wrote = await self._retry()
-            if self._pending:
-                return wrote
+    async def _take(self, *, force: bool) -> bool:
+        """Drain the buffer into one slice for every sink's queue; True if anything was taken."""
         metrics, events = self._buffer.drain()
         deferred = self.deferred
         if deferred is not None and deferred.keys:  # device values become floats before sinks see them
             metrics = await deferred.resolve(
                 metrics, wait=force, on_hold=lambda: self._buffer.set_pending(self._pending_count())
             )
-        if metrics or events:
-            work = self._make_work(metrics, events)
-            self._pending.append(work)
-            with self._buffer.count_lock:  # hand the drained records over without stats() seeing them twice
-                self._pending_points += work.points
-                self._buffer.set_pending(self._pending_count())  # the buffer's room shrinks by what we hold
-            wrote = await self._retry() or wrote
-        else:
-            self._buffer.set_pending(self._pending_count())  # what drain() took is counted (none, or deferred)
+        work = self._enqueue(metrics, events)
+        if work is not None:
+            for lane in self._lanes:
+                lane.poke()
         self._buffer.notify_drained()
-        return wrote
+        return work is not None
+
+    def _enqueue(self, metrics: list[tuple[str, list[Any]]], events: list[Event]) -> _Work | None:
+        """Hand drained records to every sink's queue (the one path, async or emergency)."""
+        if not (metrics or events):
+            self._buffer.set_pending(self._pending_count())  # what drain() took is counted (none, or deferred)
+            return None
+        work = self._make_work(metrics, events)
+        with self._buffer.count_lock:  # hand the drained records over without stats() seeing them twice
+            self._works.append(work)
+            self._pending_points += work.points
+            self._buffer.set_pending(self._pending_count())  # the buffer's room shrinks by what we hold
+        for lane in self._lanes:
+            lane.queue.append(work)
+        return work
 
     def _make_work(self, metrics: list[tuple[str, list[Any]]], events: list[Event]) -> _Work:
         params: list[tuple[str, str]] = []
@@ -240,76 +455,197 @@ class Writer:
         oldest = min(max(first, self._last_drain_ms), now)
         self._last_drain_ms = now
         batches: list[Batch | None] = [
-            Batch(metrics=metrics, params=params, tags=tags, artifacts=artifacts) for _ in self._sinks
+            Batch(metrics=metrics, params=params, tags=tags, artifacts=artifacts) for _ in self._lanes
         ]
         points = sum(len(items) for _k, items in metrics) // 3
-        return _Work(batches=batches, points=points, params=len(params), oldest_ms=oldest)
+        self._seq += 1
+        return _Work(
+            seq=self._seq,
+            batches=batches,
+            metrics=metrics,
+            points=points,
+            params=len(params),
+            oldest_ms=oldest,
+            waiting=len(batches),
+        )
 
-    async def _retry(self) -> bool:
-        """Give each sink its pending batches in order; a sink stops at its first failure."""
-        wrote = False
-        failed: set[int] = set()
-        for work in list(self._pending):
-            for i, batch in enumerate(work.batches):
-                if batch is None or i in failed:
+    # ------------------------------------------------------------------ one sink's task
+
+    async def _lane_loop(self, lane: _Lane) -> None:
+        with anyio.CancelScope() as scope:
+            lane.scope = scope
+            while True:
+                wake = lane.wake_event
+                assert wake is not None
+                if not lane.queue:
+                    await wake.wait()
+                    lane.wake_event = anyio.Event()
                     continue
-                try:
-                    await self._sinks[i].write(batch)
-                except Exception as exc:  # a sink's failure is data for the user, not a crash of the run
-                    failed.add(i)
-                    self._record_error(exc)
+                delay = lane.retry_at - time.monotonic()
+                if delay > 0 and not lane.force:
+                    with anyio.move_on_after(delay):
+                        await wake.wait()
+                    lane.wake_event = anyio.Event()
                     continue
-                work.batches[i] = None
-            if work.finished():
-                self._pending.remove(work)
-                with self._buffer.count_lock:  # written and pending change together for stats()
-                    self._written += work.points
-                    self._pending_points -= work.points
-                    self._buffer.set_pending(self._pending_count())
-                self._flushes += 1
-                wrote = True
-                latency = max(0.0, time.time() - work.oldest_ms / 1000)
-                self._last_latency = latency
-                self._max_latency = max(self._max_latency, latency)
-        if failed:
-            self._backoff = min(max(self._backoff * 2, self._interval), _MAX_BACKOFF)
-            self._retry_at = time.monotonic() + self._backoff
-            self._retries += 1
+                lane.force = False
+                await self._attempt(lane)
+                self._signal_progress()
+
+    async def _attempt(self, lane: _Lane) -> None:
+        """One write of the sink's oldest slice (its own frame: a waiting task keeps no slice alive)."""
+        work = lane.queue[0]
+        batch = work.batches[lane.index]
+        assert batch is not None
+        lane.busy_since = time.monotonic()
+        try:
+            with _eager_switching():  # the write's system calls hand the interpreter lock back and forth
+                await lane.write(batch)
+        except Exception as exc:  # a sink's failure is data for the user, not a crash of the run
+            lane.busy_since = None
+            self._failed(lane, work, batch, exc)
+            if not is_permanent(exc):
+                lane.backoff = min(max(lane.backoff * 2, self._interval), _MAX_BACKOFF)
+                lane.retry_at = time.monotonic() + lane.backoff
         else:
-            self._backoff = 0.0
-        return wrote
+            lane.busy_since = None
+            lane.backoff = 0.0
+            self._settle(lane, work)
 
-    def _record_error(self, exc: BaseException) -> None:
+    def _failed(self, lane: _Lane, work: _Work, batch: Batch, exc: Exception) -> None:
+        """Count a failed write; a permanent failure gives up the one entry it concerns."""
         self._errors += 1
         self._last_error = exc
-        self._unreported = exc
-        log.warning("steplog: write failed (will retry; data kept in memory): %s", exc)
+        if not is_permanent(exc):
+            lane.failures += 1
+            self._retries += 1
+            log.warning("steplog: write to %s failed (will retry; data kept in memory): %s", lane.name, exc)
+            return
+        entry = exc.entry if isinstance(exc, PermanentWriteError) and exc.entry is not None else None
+        if entry is None or batch.is_marked(*entry):
+            entry = batch.first_unmarked()
+        if entry is not None:
+            batch.mark_done(*entry)
+            work.lost.add(entry)
+        self._lost_error = exc
+        log.error("steplog: %s refused %s for good (dropped; the rest is written): %s", lane.name, entry, exc)
+        if batch.is_done():
+            self._settle(lane, work)
+
+    def _settle(self, lane: _Lane, work: _Work) -> None:
+        """The sink finished its part of ``work`` (written, or refused for good)."""
+        if lane.queue and lane.queue[0] is work:
+            lane.queue.popleft()
+        else:
+            with contextlib.suppress(ValueError):
+                lane.queue.remove(work)
+        work.batches[lane.index] = None
+        work.waiting -= 1
+        if work.waiting > 0:
+            return
+        lost_points = lost_other = 0
+        for kind, name in work.lost:
+            if kind == "metric":
+                lost_points += _points_of(work, name)
+            else:
+                lost_other += 1
+        with self._buffer.count_lock:  # written, lost and pending change together for stats()
+            with contextlib.suppress(ValueError):
+                self._works.remove(work)
+            self._written += work.points - lost_points
+            self._lost_points += lost_points
+            self._lost += lost_points + lost_other
+            self._pending_points -= work.points
+            self._buffer.set_pending(self._pending_count())
+        self._flushes += 1
+        latency = max(0.0, time.time() - work.oldest_ms / 1000)
+        self._last_latency = latency
+        self._max_latency = max(self._max_latency, latency)
+        self._buffer.notify_drained()
+
+    def _signal_progress(self) -> None:
+        progress = self._progress
+        if progress is not None:
+            self._progress = anyio.Event()
+            progress.set()
+        if self._stopping:
+            self.wake()
 
     # ------------------------------------------------------------------ barriers and stop
 
     async def barrier(self) -> None:
-        """Return once everything logged before the call is written; raise WriteError if it cannot be."""
+        """Return once everything logged before the call is written; raise WriteError if it cannot be.
+
+        Never waits forever: a sink stuck in one write for ``sink_timeout`` seconds is named
+        in a WriteError (its write goes on; the other sinks are not held up).
+        """
         if self._finished is None or self._finished.is_set():
             # stopped: nothing more will be written (a writer started but not yet running still
             # takes the barrier at its first cycle)
-            self._raise_if_unwritten()
+            self.raise_if_unwritten()
             return
+        failures = [lane.failures for lane in self._lanes]  # a failure from now on settles that sink
         event = anyio.Event()
         self._barriers.append(event)
         self._wake_event.set()
         await event.wait()
-        self._raise_if_unwritten()
+        target = self._seq  # the slice drained for this barrier (or an earlier one)
+        stuck: list[_Lane] = []
+        while not self._finished.is_set():
+            now = time.monotonic()
+            waiting = [
+                lane
+                for lane in self._lanes
+                if lane.queue and lane.queue[0].seq <= target and lane.failures == failures[lane.index]
+            ]
+            stuck = [
+                lane for lane in waiting if lane.busy_since is not None and now - lane.busy_since >= self._sink_timeout
+            ]
+            if len(stuck) == len(waiting):
+                break
+            progress = self._progress
+            assert progress is not None
+            next_check = min(
+                (lane.busy_since + self._sink_timeout for lane in waiting if lane.busy_since is not None),
+                default=now + 1.0,
+            )
+            with anyio.move_on_after(max(0.01, min(next_check - now, 1.0))):
+                await progress.wait()
+        if stuck:
+            names = ", ".join(lane.name for lane in stuck)
+            raise WriteError(
+                f"steplog could not write {self.unwritten_summary()}: sink {names} did not acknowledge a write "
+                f"within {self._sink_timeout} s (kept in memory; the other sinks are written)"
+            )
+        self.raise_if_unwritten()
 
-    def _raise_if_unwritten(self) -> None:
-        if self._pending:
-            exc = self._last_error
+    def raise_if_unwritten(self) -> None:
+        """Raise WriteError if some record is unwritten (still retried) or was refused for good since the last call."""
+        exc = self._last_error
+        if self._works and (exc is not None or self._finished is None or self._finished.is_set()):
+            behind = ", ".join(lane.name for lane in self._lanes if lane.queue)
+            reason = exc if exc is not None else f"not acknowledged by {behind}"
             error = WriteError(
-                f"steplog could not write {self.unwritten_summary()}: {exc}"
+                f"steplog could not write {self.unwritten_summary()}: {reason}"
                 " (kept in memory and retried; check the disk or the server)"
             )
             if isinstance(exc, OSError):  # keep errno and filename for code that inspects them
                 error.errno, error.filename = exc.errno, exc.filename
             raise error from exc
+        lost_error, self._lost_error = self._lost_error, None
+        if lost_error is not None:
+            self._raise_write_error(
+                lost_error,
+                f"steplog could not write {self._lost} records, refused for good and dropped: {lost_error}",
+            )
+
+    _raise_if_unwritten = raise_if_unwritten  # old name, until the run uses the public one
+
+    @staticmethod
+    def _raise_write_error(exc: BaseException, message: str) -> None:
+        error = WriteError(message)
+        if isinstance(exc, OSError):  # keep errno and filename for code that inspects them
+            error.errno, error.filename = exc.errno, exc.filename
+        raise error from exc
 
     async def stop(self) -> None:
         """Write everything (retrying while the caller's deadline allows), then end the loop."""
@@ -319,16 +655,30 @@ class Writer:
             await self._finished.wait()
 
     async def close_sinks(self, status: RunStatus, end_time: int) -> None:
-        """Record the final status in every sink (after :meth:`stop`)."""
-        first: BaseException | None = None
-        for sink in self._sinks:
+        """Record the final status in every sink (after :meth:`stop`), each on its own.
+
+        What a sink has not acknowledged when this runs (close gave up on it) is handed to
+        its emergency path (``write_sync``: the REST sink journals it) before its close.
+        """
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()  # stop retrying: close gave up waiting
+        first: list[BaseException] = []
+
+        async def close_one(lane: _Lane) -> None:
             try:
-                await sink.close(status, end_time)
+                if lane.queue:
+                    await anyio.to_thread.run_sync(self._write_lane_sync, lane, abandon_on_cancel=True)
+                await lane.close(status, end_time)
             except Exception as exc:  # keep closing the other sinks; report the first failure
-                self._record_error(exc)
-                first = first or exc
-        if first is not None:
-            raise WriteError(f"steplog could not record the run's end: {first}") from first
+                self._errors += 1
+                self._last_error = exc
+                first.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for lane in self._lanes:
+                tg.start_soon(close_one, lane)
+        if first:
+            raise WriteError(f"steplog could not record the run's end: {first[0]}") from first[0]
 
     def emergency_flush(self, status: RunStatus | None, end_time: int, *, timeout: float | None = None) -> None:
         """Write what is queued through the sinks' sync path (no event loop can run here).
@@ -347,7 +697,7 @@ class Writer:
         thread.join(timeout)
         if thread.is_alive():
             self._errors += 1
-            self._last_error = self._unreported = TimeoutError(f"the run's end timed out after {timeout} s")
+            self._last_error = TimeoutError(f"the run's end timed out after {timeout} s")
             log.error("steplog: giving up after %s s with %s not written", timeout, self.unwritten_summary())
 
     def _emergency_flush(self, status: RunStatus | None, end_time: int) -> None:
@@ -355,46 +705,51 @@ class Writer:
         deferred = self.deferred
         if deferred is not None and deferred.keys:
             metrics = deferred.resolve_blocking(metrics)
-        if metrics or events:
-            work = self._make_work(metrics, events)
-            self._pending.append(work)
-            self._pending_points += work.points
-        self._buffer.set_pending(self._pending_count())
-        for work in list(self._pending):
-            for i, batch in enumerate(work.batches):
-                if batch is None:
-                    continue
+        self._enqueue(metrics, events)
+        for lane in self._lanes:
+            self._write_lane_sync(lane)
+            if status is not None:
                 try:
-                    self._sinks[i].write_sync(batch)
-                    work.batches[i] = None
-                except Exception as exc:  # best effort: report, keep going
-                    self._record_error(exc)
-            if work.finished() and work in self._pending:
-                self._pending.remove(work)
-                self._pending_points -= work.points
-                self._written += work.points
-        if status is not None:
-            for sink in self._sinks:
-                try:
-                    sink.close_sync(status, end_time)
+                    lane.close_sync(status, end_time)
                 except Exception as exc:  # best effort at exit
-                    self._record_error(exc)
+                    self._errors += 1
+                    self._last_error = exc
+
+    def _write_lane_sync(self, lane: _Lane) -> None:
+        """Write one sink's queue through its sync path, in order; stop at its first transient failure."""
+        while lane.queue:
+            work = lane.queue[0]
+            batch = work.batches[lane.index]
+            if batch is None:
+                self._settle(lane, work)
+                continue
+            try:
+                lane.write_sync(batch)
+            except Exception as exc:  # best effort: report, keep the rest for this sink
+                self._failed(lane, work, batch, exc)
+                if is_permanent(exc):
+                    continue
+                return
+            self._settle(lane, work)
+
+    # ------------------------------------------------------------------ reporting
 
     def timeout_error(self, what: str, timeout: float | None) -> FlushTimeoutError:
         """The error for a barrier or close that ran out of time, naming what is unwritten."""
         return FlushTimeoutError(f"{what} timed out after {timeout} s with {self.unwritten_summary()} not yet written")
 
     def unwritten_summary(self) -> str:
-        """Human-readable account of what is not written yet, by key."""
+        """Human-readable account of what is not written yet, by key (and which sinks hold it)."""
         per_key: dict[str, int] = {}
         params = 0
-        for work in self._pending:
+        for work in list(self._works):
             batch = next((b for b in work.batches if b is not None), None)
             if batch is None:
                 continue
-            for key, items in batch.remaining().metrics:
+            rest = batch.remaining()
+            for key, items in rest.metrics:
                 per_key[key] = per_key.get(key, 0) + len(items) // 3
-            params += len(batch.remaining().params)
+            params += len(rest.params)
         for key, n in self._buffer.queued_by_key().items():
             per_key[key] = per_key.get(key, 0) + n
         if self.deferred is not None:
@@ -406,6 +761,9 @@ class Writer:
         text = f"{total} metric points ({shown}{more})" if total else "0 metric points"
         if params:
             text += f" and {params} params"
+        behind = [lane.name for lane in self._lanes if lane.queue]
+        if behind and len(behind) < len(self._lanes):
+            text += f" (not acknowledged by {', '.join(behind)})"
         return text
 
     def _pending_count(self) -> int:
@@ -419,18 +777,25 @@ class Writer:
         with buffer.count_lock:  # one consistent snapshot of the counts the writer hands over
             queued = buffer.queued()
             written = self._written
+            lost = self._lost_points
             dropped = buffer.dropped + (deferred.dropped if deferred is not None else 0)
         return Stats(
-            logged=written + queued + dropped,
+            logged=written + queued + dropped + lost,
             written=written,
             queued=queued,
             dropped=dropped,
             flushes=self._flushes,
-            bytes_written=sum(getattr(sink, "bytes_written", 0) for sink in self._sinks),
+            bytes_written=sum(lane.bytes_written for lane in self._lanes),
             last_flush_latency=self._last_latency,
             max_flush_latency=self._max_latency,
             retries=self._retries,
             errors=self._errors,
             last_error=None if self._last_error is None else str(self._last_error),
             blocking_reads=deferred.blocking_reads if deferred is not None else 0,
+            lost=lost,
         )
+
+
+def _points_of(work: _Work, key: str) -> int:
+    """Metric points of ``key`` in a slice."""
+    return sum(len(items) for k, items in work.metrics if k == key) // 3

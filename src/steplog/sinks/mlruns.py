@@ -85,6 +85,11 @@ def _all_distinct(steps: list[int]) -> bool:
 # Values MLflow's SQL store cannot tell apart (MLFLOW_FORMAT.md §4: -0.0 becomes 0.0, ±inf is clamped
 # to ±max float): two such points at one (key, step, timestamp) break migrate-filestore's UNIQUE
 # constraint just like identical ones, so they count as identical here.
+# Distinct values remembered per key at one (step, timestamp): millions of points logged at one
+# step and stamp must not keep millions of values; an identical point within the last _SEEN_MAX
+# distinct ones (a repeated call, a resent batch) is still dropped.
+_SEEN_MAX = 256
+
 _SQL_SAME = {b"-0.0": b"0.0", b"inf": b"1.7976931348623157e+308", b"-inf": b"-1.7976931348623157e+308"}
 
 
@@ -119,7 +124,7 @@ class MlrunsSink:
         self._max_open = max(1, max_open_files)
         self._files: collections.OrderedDict[str, _MetricFile] = collections.OrderedDict()
         self._created: set[str] = set()
-        self._recent: dict[str, tuple[Any, set[bytes]]] = {}
+        self._recent: dict[str, tuple[Any, dict[bytes, None]]] = {}
         self._lock = threading.Lock()
         self._meta: dict[str, Any] = {}
         self.run_dir: Path | None = None
@@ -276,22 +281,25 @@ class MlrunsSink:
             else:
                 parts = [_lines(items[i : i + _CHUNK]) for i in range(0, len(items), _CHUNK)]
                 data, last = b"".join(part for part, _last in parts), parts[-1][1]
-            self._recent[key] = ((steps[-1], items[-3]), {_SQL_SAME.get(last, last)})
+            self._recent[key] = ((steps[-1], items[-3]), {_SQL_SAME.get(last, last): None})
             return data
         stamps = items[0::3]
         texts = encode_values(items[1::3])
         # slow path: some step repeats; drop points equal to one of the same (step, timestamp)
-        current, seen = recent if recent is not None else (None, set())
+        # (the values remembered are bounded: the last _SEEN_MAX distinct ones at the current stamp)
+        current, seen = recent if recent is not None else (None, {})
         keep: list[Any] = []
         for ts, text, step in zip(stamps, texts, steps, strict=True):
             stamp = (step, ts)
             ident = _SQL_SAME.get(text, text)
             if stamp != current:
-                current, seen = stamp, set()
+                current, seen = stamp, {}
             elif ident in seen:
                 self.duplicates_skipped += 1
                 continue
-            seen.add(ident)
+            seen[ident] = None
+            if len(seen) > _SEEN_MAX:
+                del seen[next(iter(seen))]
             keep += (ts, text, step)
         self._recent[key] = (current, seen)
         return (_LINE * (len(keep) // 3)) % tuple(keep)
