@@ -4,11 +4,11 @@ Contenders, side by side in one process, each a fresh run per round through MLfl
 
 * ``file:`` — MLflow's own file store (``MLFLOW_TRACKING_URI=file:///...``);
 * ``steplog+file:`` — the same folder through steplog's plugin;
-* ``steplog+file: + registry URI`` — the same, with ``MLFLOW_REGISTRY_URI`` set too (MLflow's
-  fluent API resolves the model-registry URI on every call and, when none is set, tries to
-  import pyspark each time; see the README);
 * ``http:`` — a local ``mlflow server`` (sqlite, one worker) on 127.0.0.1;
-* ``steplog+http:`` — the same server through the plugin (and again with ``MLFLOW_REGISTRY_URI`` set).
+* ``steplog+http:`` — the same server through the plugin.
+
+The plain contenders start each round with no model-registry URI set, as in a process without the
+plugin (the plugin names the registry MLflow would find anyway, see the README).
 
 Per call: ``mlflow.log_metric(key, value, step=i)``, and ``mlflow.log_metrics(20 keys, step=i)``.
 The clock runs over the calls only; the "with end_run" column adds the ``end_run()`` that
@@ -52,35 +52,31 @@ def _register_plugin() -> None:
         _get_store_registry()._registry.setdefault(scheme, registry_store)
 
 
-def measure(uri: str, n_metric: int, n_metrics: int, *, registry: bool = False) -> dict[str, float]:
+def measure(uri: str, n_metric: int, n_metrics: int) -> dict[str, float]:
     """µs per log_metric and per 20-key log_metrics call in a fresh run at ``uri``, and the same with end_run."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
 
     mlflow.set_tracking_uri(uri)
-    if registry:
-        mlflow.set_registry_uri(uri)
-    try:
-        mlflow.set_experiment("bench-dropin")
-        out: dict[str, float] = {}
-        for what, n, call in (
-            ("log_metric", n_metric, lambda i: mlflow.log_metric("loss", 1.0 / (i + 1), step=i)),
-            ("log_metrics", n_metrics, lambda i: mlflow.log_metrics(KEYS20, step=i)),
-        ):
-            mlflow.start_run()
-            call(0)  # the first call of a run imports and caches: not the steady state
-            t0 = time.perf_counter()
-            for i in range(1, n + 1):
-                call(i)
-            t1 = time.perf_counter()
-            mlflow.end_run()
-            t2 = time.perf_counter()
-            out[what] = (t1 - t0) / n * 1e6
-            out[f"{what}+end"] = (t2 - t0) / n * 1e6
-        return out
-    finally:
-        if registry:
-            mlflow.set_registry_uri(None)  # type: ignore[arg-type]
-            os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri(None) leaves the variable set
+    if not uri.startswith("steplog"):
+        registry_utils._registry_uri = None  # as in a process that never used the plugin
+    mlflow.set_experiment("bench-dropin")
+    out: dict[str, float] = {}
+    for what, n, call in (
+        ("log_metric", n_metric, lambda i: mlflow.log_metric("loss", 1.0 / (i + 1), step=i)),
+        ("log_metrics", n_metrics, lambda i: mlflow.log_metrics(KEYS20, step=i)),
+    ):
+        mlflow.start_run()
+        call(0)  # the first call of a run imports and caches: not the steady state
+        t0 = time.perf_counter()
+        for i in range(1, n + 1):
+            call(i)
+        t1 = time.perf_counter()
+        mlflow.end_run()
+        t2 = time.perf_counter()
+        out[what] = (t1 - t0) / n * 1e6
+        out[f"{what}+end"] = (t2 - t0) / n * 1e6
+    return out
 
 
 def profile(uri: str, n: int) -> None:
@@ -124,16 +120,8 @@ def run(mode: str, out: Path | None, *, chart: bool = True, with_profile: bool =
             contenders: list[tuple[str, Callable[[], dict[str, float]]]] = [
                 ("file:", lambda: measure(file_uri, n_file, n_file)),
                 ("steplog+file:", lambda: measure(f"steplog+{file_uri}", n_fast, n_fast)),
-                (
-                    "steplog+file: + registry URI",
-                    lambda: measure(f"steplog+{file_uri}", n_fast, n_fast, registry=True),
-                ),
                 ("http: (local server)", lambda: measure(server.url, n_server, n_server)),
                 ("steplog+http:", lambda: measure(f"steplog+{server.url}", n_fast, n_fast)),
-                (
-                    "steplog+http: + registry URI",
-                    lambda: measure(f"steplog+{server.url}", n_fast, n_fast, registry=True),
-                ),
             ]
             samples: dict[str, dict[str, list[float]]] = {name: {} for name, _ in contenders}
             for r in range(rounds):
@@ -153,24 +141,15 @@ def run(mode: str, out: Path | None, *, chart: bool = True, with_profile: bool =
         name: {key: c.summary(values)["median"] for key, values in figures.items()} for name, figures in samples.items()
     }
     targets = []
-    for suffix in ("", " + registry URI"):
-        for what in ("log_metric", "log_metrics"):
-            f_ratio = med["file:"][what] / med[f"steplog+file:{suffix}"][what]
-            s_ratio = med["http: (local server)"][what] / med[f"steplog+http:{suffix}"][what]
-            targets.append(
-                c.target(
-                    f"{what}: steplog+file{suffix} vs file", f_ratio, ">= 10x", f_ratio >= 10, f"{f_ratio:.1f}x faster"
-                )
-            )
-            targets.append(
-                c.target(
-                    f"{what}: steplog+http{suffix} vs server",
-                    s_ratio,
-                    ">= 100x",
-                    s_ratio >= 100,
-                    f"{s_ratio:.0f}x faster",
-                )
-            )
+    for what in ("log_metric", "log_metrics"):
+        f_ratio = med["file:"][what] / med["steplog+file:"][what]
+        s_ratio = med["http: (local server)"][what] / med["steplog+http:"][what]
+        targets.append(
+            c.target(f"{what}: steplog+file vs file", f_ratio, ">= 10x", f_ratio >= 10, f"{f_ratio:.1f}x faster")
+        )
+        targets.append(
+            c.target(f"{what}: steplog+http vs server", s_ratio, ">= 100x", s_ratio >= 100, f"{s_ratio:.0f}x faster")
+        )
     notes = [
         f"{rounds} rounds; calls per run: steplog {n_fast}, file {n_file}, server {n_server}",
         "the 'with end_run' figures include the end_run() that writes everything, spread over the calls",

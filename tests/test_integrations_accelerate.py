@@ -32,7 +32,7 @@ def only_run(client: Any) -> Any:
     return runs[0]
 
 
-def train(tracker: SteplogTracker, config: dict[str, Any]) -> list[tuple[float, int]]:
+def train(tracker: SteplogTracker, config: dict[str, Any], first_step: int = 0) -> list[tuple[float, int]]:
     """A 2-layer model trained for STEPS steps with accelerator.log; returns the (loss, step) pairs logged."""
     accelerator = Accelerator(cpu=True, log_with=[tracker])
     accelerator.init_trackers("tiny", config=config)
@@ -48,7 +48,7 @@ def train(tracker: SteplogTracker, config: dict[str, Any]) -> list[tuple[float, 
         optimizer.step()
         optimizer.zero_grad()
         logged.append((loss.item(), step))
-        accelerator.log({"loss": loss.item(), "lr": 0.05}, step=step)
+        accelerator.log({"loss": loss.item(), "lr": 0.05}, step=first_step + step)
     accelerator.end_training()
     return logged
 
@@ -99,3 +99,38 @@ def test_finish_failed(store: Path, mlflow_client: Any) -> None:
     accelerator.log({"loss": 1.0}, step=0)
     tracker.finish("FAILED")
     assert "FAILED" == only_run(mlflow_client).info.status
+
+
+def test_resume_by_run_id_in_a_second_training(store: Path, mlflow_client: Any) -> None:
+    """SteplogTracker(run_id=...) in a second training adds its points to the first run, which ends FINISHED."""
+    tracker = SteplogTracker("accel", tracking_uri=store)
+    first = train(tracker, {"lr": 0.05})
+    assert tracker.tracker is not None
+    run_id = tracker.tracker.run_id
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = SteplogTracker("accel", tracking_uri=store, run_id=run_id)
+    second = [(v, s + STEPS) for v, s in train(resumed, {"lr": 0.05}, first_step=STEPS)]
+    run = only_run(mlflow_client)
+    assert "FINISHED" == run.info.status
+    assert {"lr": "0.05"} == run.data.params
+    assert first + second == [(m.value, m.step) for m in mlflow_client.get_metric_history(run_id, "loss")]
+
+
+def test_each_rank_writes_a_child_run_when_the_tracker_is_called_on_every_process(
+    store: Path, mlflow_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ranks="each" (SLURM job, 2 tasks), a tracker used on each process writes one child run per rank."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    for rank in (0, 1):
+        monkeypatch.setenv("SLURM_PROCID", str(rank))
+        tracker = SteplogTracker("accel", run_name="job", tracking_uri=store, ranks="each")
+        tracker.start()
+        tracker.log({"loss": float(rank)}, step=0)
+        tracker.finish()
+    runs = [r for e in mlflow_client.search_experiments() for r in mlflow_client.search_runs([e.experiment_id])]
+    children = {r.data.tags.get("steplog.rank"): r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert 3 == len(runs)
+    assert {"0", "1"} == set(children)
+    assert 1 == len({c.data.tags["mlflow.parentRunId"] for c in children.values()})
+    assert [0.0, 1.0] == [children[r].data.metrics["loss"] for r in ("0", "1")]

@@ -108,3 +108,21 @@ def test_logging_to_a_run_closed_under_the_framework_warns_instead_of_raising(tm
         handle.log_metrics({"loss": 2.0}, 2)
     assert 1 == len(caught)
     assert "closed" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("mode", [None, "zero", "each", "off"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_handle_writes_exactly_where_start_run_writes(
+    mode: str | None, rank: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An integration's handle writes on the same ranks as start_run with the same ranks= (one mechanism)."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    options = {} if mode is None else {"ranks": mode}
+    handle = RunHandle(Guard("Test"), "ranks", tracking_uri=tmp_path / "mlruns", options=options)
+    with steplog.start_run("ranks", tracking_uri=tmp_path / "mlruns", **options) as run:
+        assert run.writes == handle.writes
+    assert (rank, 2) == (handle.ranks.rank, handle.ranks.world_size)
+    assert (handle.start() is not None) == handle.writes
+    handle.end("FINISHED")

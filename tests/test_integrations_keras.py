@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before Keras is imported: no TensorFlow here
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 
+from steplog.integrations import IntegrationWarning
 from steplog.integrations.keras import SteplogCallback
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -42,7 +44,7 @@ def fit(callbacks: list[Any], **kw: Any) -> None:
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05), loss="mse", metrics=["mae"])
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(BATCHES * 4, 4)), rng.normal(size=(BATCHES * 4, 1))
-    model.fit(x, y, batch_size=4, epochs=EPOCHS, verbose=0, callbacks=callbacks, **kw)
+    model.fit(x, y, batch_size=4, epochs=kw.pop("epochs", EPOCHS), verbose=0, callbacks=callbacks, **kw)
 
 
 def only_run(client: Any) -> Any:
@@ -93,3 +95,26 @@ def test_close_failed_after_fit_raises(store: Path, mlflow_client: Any) -> None:
     run = only_run(mlflow_client)
     assert "FAILED" == run.info.status
     assert [0, 1, 2, 3] == [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "batch/loss")]
+
+
+def test_resume_by_run_id_with_initial_epoch_continues_the_history(store: Path, mlflow_client: Any) -> None:
+    """A second fit with run_id and initial_epoch adds epochs 2-3 and batches 24-47 to the first run, FINISHED."""
+    first, second = Recorder(), Recorder()
+    callback = SteplogCallback("keras", tracking_uri=store)
+    fit([first, callback])
+    assert callback.run is not None
+    run_id = callback.run.run_id
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IntegrationWarning)
+        resumed = SteplogCallback("keras", tracking_uri=store, run_id=run_id)
+        fit([second, resumed], epochs=2 * EPOCHS, initial_epoch=EPOCHS)
+    messages = [str(w.message) for w in caught]
+    assert any("param 'epochs' keeps its first value" in m for m in messages), messages  # 2 then 4
+    run = only_run(mlflow_client)
+    assert "FINISHED" == run.info.status
+    batches = [logs["loss"] for logs in first.batches + second.batches]
+    assert list(enumerate(batches)) == [
+        (m.step, m.value) for m in mlflow_client.get_metric_history(run_id, "batch/loss")
+    ]
+    epochs = [logs["loss"] for logs in first.epochs + second.epochs]
+    assert list(enumerate(epochs)) == [(m.step, m.value) for m in mlflow_client.get_metric_history(run_id, "loss")]

@@ -222,13 +222,83 @@ def test_store_dir_names_the_store_and_default_checkpoints_stay_out_of_it(
     assert str(store / run.info.experiment_id / run.info.run_id) == logger.log_dir
 
 
-def test_bad_options_and_resume_fail_before_training(store: Path) -> None:
-    """A mistyped option and run_id (resume, not yet in steplog's core) fail at construction with a clear error."""
+def test_bad_options_fail_before_training(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo, a bad ranks, a garbled run id (argument or env) and an unidentifiable "each" job fail at construction."""
     with pytest.raises(TypeError, match="flush_intervall"):
         SteplogLogger(tracking_uri=store, flush_intervall=1.0)
-    with pytest.raises(steplog.StepLogError, match=r"run_id='abc'.*cannot resume"):
-        SteplogLogger(tracking_uri=store, run_id="abc")
+    with pytest.raises(steplog.InvalidValueError, match="ranks"):
+        SteplogLogger(tracking_uri=store, ranks="all")  # type: ignore[arg-type]
+    with pytest.raises(steplog.InvalidValueError, match=r"run_id '\.\./x'"):
+        SteplogLogger(tracking_uri=store, run_id="../x")
+    monkeypatch.setenv("MLFLOW_RUN_ID", "../x")
+    with pytest.raises(steplog.InvalidValueError, match="MLFLOW_RUN_ID"):
+        SteplogLogger(tracking_uri=store)
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(steplog.InvalidValueError, match="TORCHELASTIC_RUN_ID"):
+        SteplogLogger(tracking_uri=store, ranks="each")
     assert not store.exists()
+
+
+def test_resume_by_run_id_continues_the_same_run(store: Path, mlflow_client: Any, tmp_path: Path) -> None:
+    """A second fit from the first's checkpoint with SteplogLogger(run_id=...) adds its points to the same run."""
+    first, second = Recorder(), Recorder()
+    logger = SteplogLogger("resume", tracking_uri=store)
+    fit1 = trainer(logger=[logger, first], tmp_path=tmp_path)
+    fit1.fit(TinyModule(), loader())
+    fit1.save_checkpoint(tmp_path / "epoch1.ckpt")
+    run_id = logger.version
+    assert run_id is not None
+    resumed = SteplogLogger("resume", tracking_uri=store, run_id=run_id)
+    fit2 = trainer(logger=[resumed, second], tmp_path=tmp_path, max_epochs=2)
+    fit2.fit(TinyModule(), loader(), ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert run_id == resumed.version
+    run = only_run(mlflow_client)
+    assert "FINISHED" == run.info.status
+    assert {"lr": "0.05", "fail_at": "None"} == run.data.params
+    expected = [(v, s) for k, v, s in first.points + second.points if k == "train/loss"]
+    assert list(range(2 * STEPS)) == [s for _v, s in expected]
+    history = mlflow_client.get_metric_history(run_id, "train/loss")
+    assert expected == [(m.value, m.step) for m in history]
+
+
+def test_each_rank_writes_a_child_run_of_one_parent(
+    store: Path, mlflow_client: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With ranks="each" under a simulated 2-rank torchrun job, each rank's fit writes a child of one parent.
+
+    Checkpoints (log_checkpoints=True) go into rank 0's child only: Lightning saves them on rank 0.
+    """
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    recorders = {}
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        recorders[rank] = Recorder()
+        logger = SteplogLogger("ddp", run_name="fit", tracking_uri=store, ranks="each", log_checkpoints=True)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / f"ckpts-{rank}", every_n_train_steps=10, save_top_k=-1)
+        trainer(logger=[logger, recorders[rank]], tmp_path=tmp_path, enable_checkpointing=True, callbacks=[ckpt]).fit(
+            TinyModule(), loader()
+        )
+        assert logger.run is not None
+        assert (True, rank) == (logger.run.writes, logger.run.rank)
+    runs = [r for e in mlflow_client.search_experiments() for r in mlflow_client.search_runs([e.experiment_id])]
+    assert 3 == len(runs)
+    children = {r.data.tags.get("steplog.rank"): r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert {"0", "1"} == set(children)
+    assert "FINISHED" == parent.info.status
+    for rank, recorder in recorders.items():
+        child = children[str(rank)]
+        assert parent.info.run_id == child.data.tags["mlflow.parentRunId"]
+        assert (f"fit-{rank}", "FINISHED") == (child.info.run_name, child.info.status)
+        expected = [(v, s) for k, v, s in recorder.points if k == "train/loss"]
+        assert STEPS == len(expected)
+        history = mlflow_client.get_metric_history(child.info.run_id, "train/loss")
+        assert expected == [(m.value, m.step) for m in history]
+        checkpoints = mlflow_client.list_artifacts(child.info.run_id, "checkpoints")
+        assert (2 if rank == 0 else 0) == len(checkpoints)  # one copy, in rank 0's run
 
 
 def test_no_warning_for_clean_input(store: Path) -> None:
@@ -241,20 +311,67 @@ def test_no_warning_for_clean_input(store: Path) -> None:
     logger.finalize("success")
 
 
-def test_logging_after_finalize_is_skipped_with_one_warning(store: Path, mlflow_client: Any) -> None:
-    """After finalize (e.g. trainer.test() after fit), log calls warn once and are skipped: the run stays FINISHED.
+class Evaluated(TinyModule):
+    """TinyModule with a test step, for trainer.test() after trainer.fit()."""
 
-    Reopening the run needs start_run(run_id=...), which steplog's core does not have yet.
-    """
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test/loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+
+def test_trainer_test_after_fit_resumes_the_finalized_run(store: Path, mlflow_client: Any, tmp_path: Path) -> None:
+    """trainer.test() after fit() (which finalized the run) logs into the same run, ended FINISHED again, no warning."""
+    logger = SteplogLogger("after", tracking_uri=store)
+    fitted = trainer(logger=logger, tmp_path=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IntegrationWarning)
+        model = Evaluated()
+        fitted.fit(model, loader())
+        run_id = logger.version
+        assert logger.run is not None
+        assert logger.run.closed
+        fitted.test(model, dataloaders=loader(), verbose=False)
+    assert run_id == logger.version
+    assert logger.experiment.closed  # reading the finalized run does not reopen it
+    run = only_run(mlflow_client)
+    assert "FINISHED" == run.info.status
+    assert {"train/loss", "lr", "test/loss"} <= set(run.data.metrics)
+    assert STEPS == len(mlflow_client.get_metric_history(run_id, "train/loss"))
+    assert 1 == len(mlflow_client.get_metric_history(run_id, "test/loss"))
+
+
+def test_logging_after_finalize_reopens_the_run_without_rewinding_again(store: Path, mlflow_client: Any) -> None:
+    """A log call after finalize resumes the run by id; a rewind_to_step given for the first open is not repeated."""
+    first = SteplogLogger("after", tracking_uri=store)
+    for step in range(4):
+        first.log_metrics({"loss": float(step)}, step=step)
+    first.finalize("success")
+    run_id = first.version
+    assert run_id is not None
+    logger = SteplogLogger("after", tracking_uri=store, run_id=run_id, rewind_to_step=1)
+    logger.log_metrics({"loss": 20.0}, step=2)  # steps 2 and 3 of the first logger are gone
+    logger.finalize("success")
+    logger.log_metrics({"loss": 30.0}, step=3)  # reopened: step 2 stays
+    logger.finalize("success")
+    run = only_run(mlflow_client)
+    assert "FINISHED" == run.info.status
+    assert [(0.0, 0), (1.0, 1), (20.0, 2), (30.0, 3)] == [
+        (m.value, m.step) for m in mlflow_client.get_metric_history(run_id, "loss")
+    ]
+
+
+def test_a_failed_reopen_after_finalize_warns_once_and_skips(store: Path, mlflow_client: Any) -> None:
+    """When the finalized run cannot be resumed (here: removed), later log calls warn once and are skipped."""
+    import shutil
+
     logger = SteplogLogger("after", tracking_uri=store)
     logger.log_metrics({"loss": 1.0}, step=0)
     logger.finalize("success")
+    run = only_run(mlflow_client)
+    shutil.rmtree(store / run.info.experiment_id / run.info.run_id)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", IntegrationWarning)
-        logger.log_metrics({"test/acc": 0.5}, step=1)
-        logger.log_metrics({"test/acc": 0.6}, step=2)
-    assert 1 == len(caught)
-    assert "ended when the framework finalized it" in str(caught[0].message)
-    run = only_run(mlflow_client)
-    assert "FINISHED" == run.info.status
-    assert {"loss"} == set(run.data.metrics)
+        logger.log_metrics({"loss": 2.0}, step=1)
+        logger.log_metrics({"loss": 3.0}, step=2)
+    assert 1 == len(caught), [str(w.message) for w in caught]
+    assert "could not be reopened" in str(caught[0].message)

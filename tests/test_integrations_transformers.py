@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -183,16 +185,72 @@ def test_mlflow_env_vars(store: Path, mlflow_client: Any, monkeypatch: pytest.Mo
     assert "config.json" in files
 
 
-def test_bad_env_and_resume_refused_before_training(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """MLFLOW_RUN_ID (resume: not in steplog's core yet) and a non-JSON MLFLOW_TAGS fail at construction, named."""
-    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef0123456789abcdef")
-    with pytest.raises(steplog.StepLogError, match=r"MLFLOW_RUN_ID=.*cannot resume"):
+def test_bad_env_refused_before_training(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MLFLOW_RUN_ID that is no run id and a non-JSON MLFLOW_TAGS fail at construction, naming the variable."""
+    monkeypatch.setenv("MLFLOW_RUN_ID", "../../etc")
+    with pytest.raises(steplog.InvalidValueError, match="MLFLOW_RUN_ID"):
         SteplogCallback(tracking_uri=store)
     monkeypatch.delenv("MLFLOW_RUN_ID")
     monkeypatch.setenv("MLFLOW_TAGS", "{not json")
     with pytest.raises(steplog.InvalidValueError, match="MLFLOW_TAGS"):
         SteplogCallback(tracking_uri=store)
     assert not store.exists()
+
+
+@pytest.mark.parametrize("variable", ["MLFLOW_RUN_ID", "STEPLOG_RUN_ID"])
+def test_run_id_env_resumes_the_run_in_a_second_training(
+    variable: str, store: Path, mlflow_client: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A second train() from the first's checkpoint with the run id in the env adds its points to the same run."""
+    first, second = Recorder(), Recorder()
+    callback = SteplogCallback("bert", tracking_uri=store)
+    out = tmp_path / "out"
+    args = tiny_args(out, max_steps=6, save_strategy="steps", save_steps=6)
+    Trainer(model=tiny_bert(), args=args, train_dataset=tiny_data(48), callbacks=[first, callback]).train()
+    assert callback.run is not None
+    run_id = callback.run.run_id
+    monkeypatch.setenv(variable, run_id)
+    resumed = SteplogCallback("bert", tracking_uri=store)
+    args = tiny_args(out, max_steps=12, save_strategy="no")
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=tiny_data(48), callbacks=[second, resumed])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IntegrationWarning)
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-6"))
+    changed = [str(w.message) for w in caught if issubclass(w.category, IntegrationWarning)]
+    assert any("'max_steps' keeps its first value" in m for m in changed), changed
+    assert resumed.run is not None
+    assert run_id == resumed.run.run_id
+    run = only_run(mlflow_client)
+    assert "FINISHED" == run.info.status
+    assert "6" == run.data.params["max_steps"]  # a param keeps its first value
+    expected = [(float(logs["loss"]), step) for logs, step in first.logs + second.logs if "loss" in logs]
+    assert list(range(1, 13)) == [step for _v, step in expected]
+    assert expected == [(m.value, m.step) for m in mlflow_client.get_metric_history(run_id, "loss")]
+
+
+def test_trainer_process_index_counts_only_where_steplog_sees_no_launcher(
+    store: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without a launcher environment is_world_process_zero silences a process; ranks= or a launcher overrules it."""
+    args = tiny_args(tmp_path / "out")
+    not_zero = SimpleNamespace(is_world_process_zero=False, global_step=1)
+    silent = SteplogCallback("bert", tracking_uri=store)
+    silent.on_log(args, not_zero, None, logs={"loss": 1.0}, model=tiny_bert())
+    silent.on_train_end(args, not_zero, None)
+    assert silent.run is None
+    assert not store.exists()
+    own = SteplogCallback("bert", tracking_uri=store, ranks="off")  # every process writes a run of its own
+    own.on_log(args, not_zero, None, logs={"loss": 1.0}, model=tiny_bert())
+    own.on_train_end(args, not_zero, None)
+    assert own.run is not None
+    assert own.run.writes
+    monkeypatch.setenv("SLURM_PROCID", "0")  # the launcher says rank 0: steplog's core decides
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    core = SteplogCallback("bert", tracking_uri=store)
+    core.on_log(args, not_zero, None, logs={"loss": 1.0}, model=tiny_bert())
+    core.on_train_end(args, not_zero, None)
+    assert core.run is not None
+    assert (True, 0, 2) == (core.run.writes, core.run.rank, core.run.world_size)
 
 
 @pytest.mark.slow

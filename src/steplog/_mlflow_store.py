@@ -124,13 +124,37 @@ def _file_store_allowed() -> Iterator[None]:
 def make_tracking_store(store_uri: str, artifact_uri: str | None = None) -> FileStore | RestStore:
     """The tracking store for ``store_uri`` (MLflow calls this once per URI and process, and caches it)."""
     kind, target = split_uri(store_uri)
+    store: FileStore | RestStore
     if kind == "rest":
         from mlflow.utils.credentials import get_default_host_creds
 
-        return SteplogRestStore(target, partial(get_default_host_creds, target))
-    root = _file_uri(target)
-    with _file_store_allowed():
-        return SteplogFileStore(target, root, artifact_uri or root)
+        store = SteplogRestStore(target, partial(get_default_host_creds, target))
+    else:
+        root = _file_uri(target)
+        with _file_store_allowed():
+            store = SteplogFileStore(target, root, artifact_uri or root)
+    store._steplog_uri = store_uri
+    return store
+
+
+def _settle_registry_uri(store_uri: str) -> None:
+    """Name the registry MLflow would find anyway, so its fluent calls stop looking for a Spark session.
+
+    With no registry URI set, each ``mlflow.log_metric`` asks for one, and MLflow tries
+    ``import pyspark`` to read it from a Spark session: about 100 µs per call where pyspark is not
+    installed, more than the rest of the call. A tracking URI that is not Databricks' is its own
+    registry (MLflow's default), so where pyspark is missing and nothing is set, the registry is set to
+    this URI for this process only (MLflow's module setting, not ``MLFLOW_REGISTRY_URI``: child
+    processes decide for themselves). ``mlflow.set_registry_uri`` still overrides it.
+    """
+    import importlib.util
+
+    from mlflow.environment_variables import MLFLOW_REGISTRY_URI
+    from mlflow.tracking._model_registry import utils as registry_utils
+
+    unset = registry_utils._registry_uri is None and not MLFLOW_REGISTRY_URI.get()
+    if unset and importlib.util.find_spec("pyspark") is None:
+        registry_utils._registry_uri = store_uri  # type: ignore[assignment]  # MLflow annotates it None only
 
 
 def make_registry_store(store_uri: str, tracking_uri: str | None = None) -> Any:
@@ -308,6 +332,7 @@ class _SteplogStoreMixin:
 
     def _setup(self, target: str) -> None:
         self._target = target
+        self._steplog_uri = target  # the steplog+ URI MLflow built this store for (set by make_tracking_store)
         self._written = {}
         self._lock = threading.Lock()
         self.run_options: dict[str, Any] = {}
@@ -359,6 +384,7 @@ class _SteplogStoreMixin:
     def create_run(
         self, experiment_id: str, user_id: str, start_time: int, tags: Sequence[RunTag] | None, run_name: str | None
     ) -> Run:
+        _settle_registry_uri(self._steplog_uri)
         store = self._mlflow
         experiment_id = "0" if experiment_id is None else str(experiment_id)
         experiment = store.get_experiment(experiment_id)

@@ -1,4 +1,4 @@
-"""What every framework integration shares: a lazily started run, rank zero only, and input made safe.
+"""What every framework integration shares: a lazily started run, on the ranks the core picks, and safe input.
 
 A framework hands a logger whatever its users put in their hyperparameters and metric dicts:
 nested dicts, ``Namespace`` objects, 20 kB reprs, keys with ``@`` or ``=``, strings and ``None``
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import numbers
 import os
 import re
@@ -21,10 +20,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._errors import InvalidKeyError, InvalidValueError, ParamChangedError, RunStateError, StepLogError
-from .._ranks import Ranks, detect_ranks
 from .._validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH, check_key
 
 if TYPE_CHECKING:
+    from .._jobs import JobPlan, RanksMode
+    from .._ranks import Ranks
     from .._run import Run
 
 __all__ = ["Guard", "IntegrationWarning", "RunHandle", "flatten", "local_store_dir"]
@@ -203,33 +203,27 @@ class Guard:
         return False
 
 
-def _check_options(options: Mapping[str, Any]) -> None:
-    from .._destinations import Options
-
-    unknown = set(options) - {f.name for f in dataclasses.fields(Options)}
-    if unknown:
-        raise TypeError(f"unknown steplog options: {', '.join(sorted(unknown))}")
-
-
 _MAX_RUN_NAME_LENGTH = 250  # what start_run accepts (a framework may hand over a longer one)
 
-
-def _can_resume() -> bool:
-    """True when steplog's core can reopen a run (``start_run(run_id=...)``)."""
-    from .._run import start_run
-
-    return "run_id" in inspect.signature(start_run).parameters
+# Options that only make sense when a run is first opened: reopening the same run after the
+# framework ended it must not rewind its history again.
+_FIRST_OPEN_ONLY = ("rewind_to_step",)
 
 
 class RunHandle:
-    """A steplog run started on first use, on rank zero only, and ended once.
+    """A steplog run started on first use, on the process steplog's core says writes, and ended once.
+
+    Which process writes is decided as :func:`steplog.start_run` decides it (``ranks=`` and the
+    launcher's environment, see ``steplog._jobs``): the plan is made here, at construction, so a
+    bad ``ranks``, a job ``ranks="each"`` cannot identify, or ``run_id`` with ``ranks="each"`` fails
+    before training starts, and a process that writes nothing never starts a run (no writer thread).
 
     Args:
         experiment: experiment name.
         run_name, tracking_uri, tags: as :func:`steplog.start_run`.
-        run_id: resume this run (needs a steplog whose ``start_run`` takes ``run_id``).
-        run_id_source: what to name in the error when resuming is not available.
-        options: ``start_run`` options (checked here, so a typo fails before training starts).
+        run_id: resume this run (default, as ``start_run``: ``STEPLOG_RUN_ID``, then ``MLFLOW_RUN_ID``).
+        ranks: ``"zero"``, ``"each"`` or ``"off"``, as ``start_run`` (default: the core's default).
+        options: other ``start_run`` options (checked here, so a typo fails before training starts).
     """
 
     def __init__(
@@ -241,9 +235,11 @@ class RunHandle:
         tracking_uri: str | os.PathLike[str] | None = None,
         tags: Mapping[str, Any] | None = None,
         run_id: str | None = None,
-        run_id_source: str = "run_id",
+        ranks: RanksMode | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
+        from .._destinations import Options
+        from .._run import _plan_job, _resume_spec
         from .._validation import check_experiment_name
 
         self.guard = guard
@@ -252,28 +248,32 @@ class RunHandle:
         self.tracking_uri = tracking_uri
         self.tags = guard.tags(tags or {})
         self.options = dict(options or {})
-        _check_options(self.options)
         if run_id is not None:
-            if not _can_resume():
-                raise StepLogError(
-                    f"{run_id_source}={run_id!r} asks to resume a run, but this version of steplog cannot resume "
-                    "runs yet (steplog.start_run has no run_id); unset it to start a new run"
-                )
             self.options["run_id"] = run_id
-        self.ranks: Ranks = detect_ranks()
+        if ranks is not None:
+            self.options["ranks"] = ranks
+        opts = Options.from_kwargs(self.options)  # unknown names and bad values fail here, not mid-training
+        # start_run's own planning functions (the same code, not a copy of its rules), made early
+        self.plan: JobPlan = _plan_job(self.experiment, opts, run_name)
+        _resume_spec(opts, self.plan, run_name)  # a garbled STEPLOG_RUN_ID / MLFLOW_RUN_ID fails here too
         self.run: Run | None = None
         self.ended = False
 
     @property
     def writes(self) -> bool:
-        """True on the process that writes (rank zero of the launcher's world)."""
-        return self.ranks.is_zero
+        """True on a process that writes a run (as ``start_run`` decides: ``ranks=`` and the launcher)."""
+        return self.plan.writes
+
+    @property
+    def ranks(self) -> Ranks:
+        """Where this process stands in its job (read from the launcher's environment by the core)."""
+        return self.plan.ranks
 
     def start(self) -> Run | None:
         """The run, started on first call; None on ranks that do not write.
 
-        After :meth:`end`, a later log call reopens the same run where steplog can resume runs,
-        and is otherwise skipped with one warning (e.g. ``trainer.test()`` after ``trainer.fit()``).
+        After :meth:`end`, a later log call resumes the same run by its id (e.g. ``trainer.test()``
+        after ``trainer.fit()``); if that fails, the call is skipped with one warning.
         """
         if not self.ended:
             if self.run is None and self.writes:
@@ -281,15 +281,15 @@ class RunHandle:
             return self.run
         if self.run is None:
             return None
-        if not _can_resume():
-            self.guard.warn_once(
-                "ended",
-                self.run.run_id,
-                f"run {self.run.run_id} ended when the framework finalized it; what is logged after that is "
-                "skipped (reopening a run needs a steplog whose start_run takes run_id)",
-            )
+        run_id = self.run.run_id
+        # This process wrote the run, so this process reopens it, whatever the job's mode ("each"
+        # refuses run_id); and the history is not rewound a second time.
+        options = {k: v for k, v in self.options.items() if k not in _FIRST_OPEN_ONLY}
+        try:
+            self.run = self._open({**options, "run_id": run_id, "ranks": "off"})
+        except StepLogError as exc:
+            self.guard.warn_once("reopen", run_id, f"run {run_id} could not be reopened, so this is skipped: {exc}")
             return None
-        self.run = self._open({**self.options, "run_id": self.run.run_id})
         self.ended = False
         return self.run
 

@@ -9,7 +9,9 @@ Keras to pick a backend). Example::
 
 Epoch metrics (``loss``, ``val_loss``, ...) are logged under their own names at ``step=epoch``
 (0-based, as MLflow's Keras callback does); batch metrics under ``batch/<name>`` at the global
-batch index (0-based, counted across epochs), every ``log_every_n_steps`` batches.
+batch index (0-based, counted across epochs: ``epoch * steps + batch`` when Keras knows the steps
+per epoch, so ``fit(..., initial_epoch=N)`` with ``run_id=`` continues the run's history), every
+``log_every_n_steps`` batches.
 """
 
 from __future__ import annotations
@@ -23,17 +25,22 @@ import keras
 from ._common import Guard, RunHandle
 
 if TYPE_CHECKING:
+    from .._jobs import RanksMode
     from .._run import Run
 
 __all__ = ["SteplogCallback"]
 
 
 class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras ships no type hints
-    """A Keras callback logging one steplog run (rank zero only).
+    """A Keras callback logging one steplog run (by default from rank zero).
 
     Args:
         experiment: experiment name (default: ``MLFLOW_EXPERIMENT_NAME``, else "Default").
         run_name, tracking_uri, tags: as :func:`steplog.start_run`.
+        run_id: resume this run (default: ``STEPLOG_RUN_ID``, then ``MLFLOW_RUN_ID``); pass
+            ``initial_epoch`` to ``fit`` so the epochs go on where they stopped.
+        ranks: which processes write, as :func:`steplog.start_run`: ``"zero"`` (default), ``"each"``
+            or ``"off"``.
         log_every_n_steps: log batch metrics every this many batches (0: epoch metrics only).
         **options: :func:`steplog.start_run` options.
 
@@ -50,6 +57,8 @@ class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras 
         run_name: str | None = None,
         tracking_uri: str | os.PathLike[str] | None = None,
         tags: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        ranks: RanksMode | None = None,
         log_every_n_steps: int = 1,
         **options: Any,
     ) -> None:
@@ -66,6 +75,8 @@ class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras 
             run_name=run_name,
             tracking_uri=tracking_uri,
             tags=tags,
+            run_id=run_id,
+            ranks=ranks,
             options=options,
         )
         self._every = log_every_n_steps
@@ -93,6 +104,13 @@ class SteplogCallback(keras.callbacks.Callback):  # type: ignore[misc]  # keras 
                 params.update({f"optimizer_{k}": v for k, v in config.items()})
         params.update({k: v for k, v in (self.params or {}).items() if k in ("epochs", "steps", "batch_size")})
         handle.log_params(params)
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        # The global batch index is epoch * steps + batch when Keras knows the steps per epoch, so a
+        # fit resumed with initial_epoch (and run_id) goes on where the first one stopped.
+        steps = (self.params or {}).get("steps")
+        if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
+            self._batch = epoch * steps
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         step = self._batch

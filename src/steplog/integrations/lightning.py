@@ -10,6 +10,10 @@ Needs ``pip install 'steplog[lightning]'``. Example::
 
 Unlike Lightning's ``MLFlowLogger`` (one ``log_batch`` request per ``log_metrics`` call),
 ``log_metrics`` only queues the points; steplog's writer writes them in the background.
+
+Which process writes is steplog's decision, not Lightning's ``rank_zero_only``: ``ranks="zero"``
+(the default) writes from rank 0, ``ranks="each"`` a child run per rank of one parent run for the
+job, as :func:`steplog.start_run` does.
 """
 
 from __future__ import annotations
@@ -19,15 +23,14 @@ from argparse import Namespace
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.logger import Logger
-from lightning.pytorch.utilities import rank_zero_only
 
 from ._common import Guard, RunHandle, local_store_dir
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from .._jobs import RanksMode
     from .._run import Run
 
 __all__ = ["SteplogLogger"]
@@ -36,7 +39,7 @@ _STATUS = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED", "a
 
 
 class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where lightning is absent
-    """A Lightning logger writing one steplog run (on rank zero; other ranks write nothing).
+    """A Lightning logger writing one steplog run (by default from rank zero; other ranks write nothing).
 
     Args:
         experiment: experiment name (created if missing); also the logger's ``name``.
@@ -44,13 +47,17 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
         tracking_uri: as :func:`steplog.start_run` (default ``STEPLOG_TRACKING_URI``,
             ``MLFLOW_TRACKING_URI``, ``./mlruns``).
         tags: run tags.
-        run_id: resume this run (needs a steplog that can resume; otherwise a clear error here).
+        run_id: resume this run (default: ``STEPLOG_RUN_ID``, then ``MLFLOW_RUN_ID``); train from the
+            checkpoint (``fit(ckpt_path=...)``) so the steps go on where they stopped.
+        ranks: which processes write, as :func:`steplog.start_run`: ``"zero"`` (default), ``"each"``
+            (a child run per rank of one parent run for the job) or ``"off"``.
         log_checkpoints: log every checkpoint Lightning saves as an artifact under ``checkpoints/``.
         prefix: put before every metric key (joined with ``-``, as Lightning's loggers do).
         **options: :func:`steplog.start_run` options (``flush_interval``, ``max_buffer``, ...).
 
     The run starts on first use (``experiment``, a log call), so the logger can be built in a
-    process that never trains. ``version`` is the run id.
+    process that never trains. ``version`` is the run id. Logging after :meth:`finalize` (e.g.
+    ``trainer.test()`` after ``trainer.fit()``) resumes the same run, which the next ``finalize`` ends.
     """
 
     LOGGER_JOIN_CHAR = "-"
@@ -63,6 +70,7 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
         tracking_uri: str | os.PathLike[str] | None = None,
         tags: Mapping[str, Any] | None = None,
         run_id: str | None = None,
+        ranks: RanksMode | None = None,
         log_checkpoints: bool = False,
         prefix: str = "",
         **options: Any,
@@ -75,6 +83,7 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
             tracking_uri=tracking_uri,
             tags=tags,
             run_id=run_id,
+            ranks=ranks,
             options=options,
         )
         self._store_dir = local_store_dir(tracking_uri)
@@ -83,10 +92,14 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
         self._logged_checkpoints: dict[str, float] = {}  # path -> mtime when logged
 
     @property
-    @rank_zero_experiment  # type: ignore[untyped-decorator,unused-ignore]
     def experiment(self) -> Run:
-        """The steplog :class:`~steplog.Run` (started here on first use); a no-op object on other ranks."""
-        run = self._handle.start()
+        """The steplog :class:`~steplog.Run` (started here on first use); a no-op object on other ranks.
+
+        After :meth:`finalize` this is the ended run: reading it does not reopen it (a log call
+        through the logger does).
+        """
+        handle = self._handle
+        run = handle.run if handle.ended else handle.start()
         if run is None:
             from lightning.fabric.loggers.logger import _DummyExperiment
 
@@ -140,7 +153,6 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
         """The steplog run once started on this rank (kept after it ended), else None."""
         return self._handle.run
 
-    @rank_zero_only  # type: ignore[untyped-decorator,unused-ignore]  # untyped where lightning is absent
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Queue numeric metrics at ``step`` (non-numbers skipped, bad keys mapped, one warning each)."""
         handle = self._handle
@@ -148,7 +160,6 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
             metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
         handle.log_metrics(metrics, step)
 
-    @rank_zero_only  # type: ignore[untyped-decorator,unused-ignore]  # untyped where lightning is absent
     def log_hyperparams(self, params: dict[str, Any] | Namespace | None, *args: Any, **kwargs: Any) -> None:
         """Log hyperparameters flattened with '/' (dict, Namespace or AttributeDict).
 
@@ -157,10 +168,14 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
         """
         self._handle.log_params(params)
 
-    @rank_zero_only  # type: ignore[untyped-decorator,unused-ignore]  # untyped where lightning is absent
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        """With ``log_checkpoints=True``, log each new or rewritten checkpoint file under ``checkpoints/``."""
-        if not self._log_checkpoints or not self._handle.writes:
+        """With ``log_checkpoints=True``, log each new or rewritten checkpoint file under ``checkpoints/``.
+
+        Only rank 0 logs them (Lightning saves checkpoints there), also with ``ranks="each"``: one copy
+        in rank 0's run rather than one per rank.
+        """
+        handle = self._handle
+        if not self._log_checkpoints or not handle.writes or handle.ranks.rank != 0:
             return
         paths = {checkpoint_callback.best_model_path, checkpoint_callback.last_model_path}
         paths.update(getattr(checkpoint_callback, "best_k_models", {}) or {})
@@ -174,7 +189,6 @@ class SteplogLogger(Logger):  # type: ignore[misc,unused-ignore]  # Any where li
             self._logged_checkpoints[path] = mtime
             self._handle.log_artifact(path, "checkpoints")
 
-    @rank_zero_only  # type: ignore[untyped-decorator,unused-ignore]  # untyped where lightning is absent
     def finalize(self, status: str) -> None:
         """End the run: "success" -> FINISHED, "failed" -> FAILED (others: FINISHED / KILLED as named)."""
         if self._handle.run is None and status != "success":

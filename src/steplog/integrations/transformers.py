@@ -10,8 +10,8 @@ Needs ``pip install 'steplog[transformers]'``. Example::
 
 Reads the environment variables of MLflow's own callback: ``MLFLOW_EXPERIMENT_NAME`` (when no
 experiment is given), ``MLFLOW_TAGS`` (a JSON object of run tags), ``HF_MLFLOW_LOG_ARTIFACTS``
-(as ``log_checkpoints``) and ``MLFLOW_RUN_ID`` (resume: refused with a clear error while steplog
-cannot resume runs, rather than silently starting a new one), plus ``MLFLOW_TRACKING_URI``.
+(as ``log_checkpoints``) and ``MLFLOW_RUN_ID`` (resume that run, as ``start_run`` does; steplog's
+own ``STEPLOG_RUN_ID`` comes first), plus ``MLFLOW_TRACKING_URI``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ._common import Guard, RunHandle
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
+    from .._jobs import RanksMode
     from .._run import Run
 
 __all__ = ["SteplogCallback"]
@@ -54,13 +55,19 @@ def _env_tags() -> dict[str, Any]:
 
 
 class SteplogCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # untyped where transformers is absent
-    """A ``TrainerCallback`` logging one steplog run from the world's process zero.
+    """A ``TrainerCallback`` logging one steplog run (by default from the world's process zero).
 
     Args:
         experiment: experiment name (default: ``MLFLOW_EXPERIMENT_NAME``, else "Default").
         run_name: run name (default: ``TrainingArguments.run_name`` when set, else generated).
         tracking_uri: as :func:`steplog.start_run`.
         tags: run tags (merged over ``MLFLOW_TAGS``).
+        run_id: resume this run (default: ``STEPLOG_RUN_ID``, then ``MLFLOW_RUN_ID``); train with
+            ``resume_from_checkpoint`` so ``global_step`` goes on where it stopped.
+        ranks: which processes write, as :func:`steplog.start_run`: ``"zero"`` (default), ``"each"``
+            or ``"off"``. steplog reads the launcher's environment (``RANK``/``WORLD_SIZE``, SLURM, MPI);
+            only where it finds no launcher and ``ranks`` is not given does the Trainer's
+            ``state.is_world_process_zero`` keep the other processes silent.
         log_checkpoints: log each checkpoint folder the Trainer saves under ``checkpoints/``
             (default: ``HF_MLFLOW_LOG_ARTIFACTS``).
         **options: :func:`steplog.start_run` options.
@@ -78,6 +85,8 @@ class SteplogCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # u
         run_name: str | None = None,
         tracking_uri: str | os.PathLike[str] | None = None,
         tags: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        ranks: RanksMode | None = None,
         log_checkpoints: bool | None = None,
         **options: Any,
     ) -> None:
@@ -89,10 +98,13 @@ class SteplogCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # u
             run_name=run_name,
             tracking_uri=tracking_uri,
             tags={**_env_tags(), **(tags or {})},
-            run_id=os.environ.get("MLFLOW_RUN_ID") or None,
-            run_id_source="MLFLOW_RUN_ID",
+            run_id=run_id,
+            ranks=ranks,
             options=options,
         )
+        # The Trainer's own notion of process zero counts only where steplog's core has none: no
+        # launcher environment it reads (e.g. processes spawned by a script or by XLA) and no ranks=.
+        self._framework_decides = ranks is None and self._handle.plan.ranks.launcher is None
         if log_checkpoints is None:
             log_checkpoints = os.environ.get("HF_MLFLOW_LOG_ARTIFACTS", "").strip().lower() in _TRUE
         self._log_checkpoints = log_checkpoints
@@ -104,7 +116,9 @@ class SteplogCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # u
         return self._handle.run
 
     def _writes(self, state: TrainerState) -> bool:
-        return bool(state.is_world_process_zero) and self._handle.writes
+        if not self._handle.writes:
+            return False
+        return not self._framework_decides or bool(state.is_world_process_zero)
 
     def setup(self, args: TrainingArguments, state: TrainerState, model: Any) -> None:
         """Start the run and log the training arguments and the model config as params."""
@@ -143,7 +157,8 @@ class SteplogCallback(TrainerCallback):  # type: ignore[misc,unused-ignore]  # u
             self._handle.log_metrics(logs, state.global_step)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self._log_checkpoints and self._set_up and self._writes(state):
+        # the Trainer saves from process zero: one copy in rank 0's run, also with ranks="each"
+        if self._log_checkpoints and self._set_up and self._writes(state) and self._handle.ranks.rank == 0:
             folder = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self._handle.log_artifact(folder, "checkpoints")
