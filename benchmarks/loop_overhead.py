@@ -7,7 +7,7 @@ with each contender logging 20 metrics a step; a contender's clock runs from the
 step until its ``close()`` returns, so deferred work is counted. Overhead is
 ``time / time without logging - 1`` against the no-logging loop of the same round.
 steplog also runs a 2 ms pure-Python step (20 ``log_metric`` calls per step), the
-issue's second target, against its own no-logging loop in the same rounds.
+second loop-overhead target, against its own no-logging loop in the same rounds.
 
     python benchmarks/loop_overhead.py [--quick | --smoke] [--out DIR]
 """

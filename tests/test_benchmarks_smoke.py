@@ -34,19 +34,19 @@ def test_each_benchmark_writes_json_and_chart(smoke_results: Path, name: str) ->
     result = json.loads((smoke_results / f"{name}.json").read_text())
     assert name == result["benchmark"]
     assert "smoke" == result["mode"]
-    assert result["targets"], "each benchmark checks at least one of the issue's targets"
+    assert result["targets"], "each benchmark checks at least one of steplog's performance targets"
     assert all({"figure", "measured", "target", "ok"} <= set(t) for t in result["targets"])
     assert (smoke_results / f"{name}.png").stat().st_size > 0
 
 
 def test_summary_lists_every_target(smoke_results: Path) -> None:
-    """The summary gathers the targets of all benchmarks (each issue-17 target among them, PASS or
+    """The summary gathers the targets of all benchmarks (each performance target among them, PASS or
     MISS), renders each benchmark's table, and states the load average and whether the machine
     was too busy to judge."""
     summary = json.loads((smoke_results / "summary.json").read_text())
     assert list(SUITE) == summary["benchmarks"]
     figures = {t["figure"] for t in summary["targets"]}
-    issue_17 = {
+    performance_targets = {
         "sustained hot path vs no-op call, 20 keys per step (writer running, step=, wall)",
         "end-to-end throughput (log_metric per key), incl. close",
         "end-to-end throughput (a dict per step), incl. close",
@@ -59,7 +59,7 @@ def test_summary_lists_every_target(smoke_results: Path) -> None:
         "memory per buffered record (20 keys per step)",
         "memory per buffered record (1 key per step)",
     }
-    assert issue_17 <= figures
+    assert performance_targets <= figures
     assert 2 == len(summary["load_average"])
     assert 2 == len(summary["cpu_share"])
     assert "too_busy" in summary
@@ -83,7 +83,7 @@ def test_throughput_smoke_writes_every_point(smoke_results: Path) -> None:
 
 
 def test_hot_path_script_runs_standalone(tmp_path: Path) -> None:
-    """``python benchmarks/hot_path.py --smoke`` (issue 2's script) prints no-op, steplog and naive side by side."""
+    """``python benchmarks/hot_path.py --smoke`` prints no-op, steplog and naive side by side."""
     import subprocess
 
     proc = subprocess.run(

@@ -35,7 +35,7 @@ def bits(value: float) -> bytes:
 
 
 def expected_float(t: Any) -> float:
-    """What the issue pins: the value written equals ``float(t.item())``."""
+    """What steplog promises: the value written equals ``float(t.item())``."""
     return float(t.item())
 
 

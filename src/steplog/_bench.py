@@ -45,7 +45,7 @@ SUITE = (
 )
 """The suite's scripts, in the order they run (the cheapest first)."""
 
-# Other issues' benchmarks, run as they are by a full run when present (not by --quick).
+# The other benchmarks of benchmarks/, run as they are by a full run when present (not by --quick).
 _OTHERS: dict[str, list[str]] = {
     "reader": ["--points", "200000", "--repeat", "3"],
     "gpu_sync": ["--device", "cpu"],
@@ -105,7 +105,7 @@ def _main(args: argparse.Namespace) -> int:
 def run_suite(
     names: list[str], *, mode: str, out: Path | None = None, chart: bool = True, others: bool = True
 ) -> list[str]:
-    """Run ``names`` in ``mode`` (and, in a full run with ``others``, the other issues' benchmarks).
+    """Run ``names`` in ``mode`` (and, in a full run with ``others``, the other benchmarks outside the suite).
 
     Prints and writes the summary; returns the names that failed.
     """
@@ -138,7 +138,7 @@ def run_suite(
         for name, extra in _OTHERS.items():
             script = folder / f"{name}.py"
             if script.is_file():
-                print(f"\n=== {name} (another issue's benchmark, run as is) ===", flush=True)
+                print(f"\n=== {name} (outside the suite, run as is) ===", flush=True)
                 if subprocess.run([sys.executable, str(script), *extra], check=False).returncode != 0:
                     failed.append(name)
     probes.append((common.load_average(), common.cpu_share()))

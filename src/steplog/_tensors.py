@@ -11,8 +11,8 @@ it replaces the placeholders by the floats, before any sink sees the batch, so a
 sink only ever gets floats and a key's records keep their order (a key's records
 after a value still in flight wait with it).
 
-Why the writer, not the log call, does the device work: the issue's launch-bound
-figures show a stack, a copy and an event record per step costing the training
+Why the writer, not the log call, does the device work: the launch-bound figures
+of ``benchmarks/gpu_sync.py`` show a stack, a copy and an event record per step costing the training
 thread more than the sync they avoid. The logging thread pays only a few attribute reads and one small list per
 value; the device work happens once per writer cycle (at most every
 ``flush_interval``), on the stream that was current when each value was logged,
