@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple, Self, overload
 
 from ._errors import StepLogError
 from ._layout import (
@@ -498,6 +498,16 @@ class Store:
         from ._heartbeat import liveness
 
         return liveness(self._find_run_dir(run_id))
+
+    def close(self) -> None:
+        """Release what the reader holds: nothing for a local store (a tracking server's reader closes its
+        connection), so code reading any kind of store can close it the same way."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class RunWatcher:
