@@ -129,3 +129,10 @@ def test_repr_of_a_run_writing_to_a_store_and_a_sink_names_both(empty_cwd: Path)
     with steplog.start_run("e", tracking_uri="runs", sinks=[MemorySink()]) as run:
         text = repr(run)
     assert f"<steplog.Run {run.run_id} running at runs + MemorySink>" == text
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, "False"])
+def test_handle_signals_takes_only_true_false_or_none(value: object) -> None:
+    """A truthy string such as "no" would install the signal handlers by mistake: refused, naming the choices."""
+    with pytest.raises(InvalidValueError, match="handle_signals must be True, False or None"):
+        steplog.start_run("e", sinks=[MemorySink()], handle_signals=value)

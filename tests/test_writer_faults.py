@@ -281,3 +281,29 @@ def test_the_writer_and_buffer_interface_the_run_uses() -> None:
     assert writer.lost == 0
     with pytest.raises(WriteError):
         run.close()
+
+
+def test_a_run_that_lost_records_ends_failed_and_close_says_so_once() -> None:
+    """Records refused for good that no barrier reported: close() raises WriteError once, and the run is FAILED."""
+    sink = RefusingSink(OSError(errno.ENAMETOOLONG, "File name too long (injected)"))
+    run = steplog.start_run("faults", sinks=[sink], flush_interval=0.01, handle_signals=False)
+    run.log_metrics({"good": 1.0, "bad": 2.0}, step=0)
+    with pytest.raises(steplog.WriteError, match="refused for good") as caught:
+        run.close()  # FINISHED asked for
+    assert errno.ENAMETOOLONG == caught.value.errno
+    assert steplog.RunStatus.FAILED == run.info.status
+    assert steplog.RunStatus.FAILED == sink.status
+    assert [1.0] == [p.value for p in sink.metrics["good"]]
+    assert 1 == run.stats().lost
+    run.close()  # closing again is a no-op: the error was reported once
+
+
+def test_a_lost_record_reported_by_a_barrier_is_not_raised_again_at_close() -> None:
+    """flush() reports the refusal; close() then returns, and the run still ends FAILED (it did not log everything)."""
+    sink = RefusingSink(OSError(errno.ENAMETOOLONG, "File name too long (injected)"))
+    run = steplog.start_run("faults", sinks=[sink], flush_interval=0.01, handle_signals=False)
+    run.log_metrics({"good": 1.0, "bad": 2.0}, step=0)
+    with pytest.raises(steplog.WriteError, match="refused for good"):
+        run.flush()
+    run.close()
+    assert steplog.RunStatus.FAILED == run.info.status

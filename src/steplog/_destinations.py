@@ -72,6 +72,11 @@ class Options:
             raise InvalidValueError(f"close_timeout must be a positive number of seconds, not {self.close_timeout!r}")
         if not (isinstance(self.start_timeout, (int, float)) and self.start_timeout > 0):
             raise InvalidValueError(f"start_timeout must be a positive number of seconds, not {self.start_timeout!r}")
+        if not any(self.handle_signals is choice for choice in (None, True, False)):  # "no" is truthy
+            raise InvalidValueError(
+                f"handle_signals must be True, False or None (the default: in the main thread), "
+                f"not {self.handle_signals!r}"
+            )
         self._check_long_jobs()
 
     def _check_long_jobs(self) -> None:

@@ -598,6 +598,11 @@ class Run:
                 error.errno, error.filename = failing.errno, failing.filename
         if status is RunStatus.FINISHED and writer_lost(writer) > 0:
             status = RunStatus.FAILED  # a sink refused records for good: the run did not log everything
+        if error is None:
+            try:  # records refused for good that no barrier has reported yet: close says so, once
+                writer.raise_if_unwritten()
+            except WriteError as exc:
+                error = exc
         with anyio.move_on_after(max(0.5, deadline - anyio.current_time())):
             try:
                 await writer.close_sinks(status, end_time)
