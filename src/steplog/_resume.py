@@ -298,8 +298,8 @@ async def resume_in(sinks: Sequence[Sink], spec: ResumeSpec) -> ResumeState:
             found = await resume(spec.run_id)
         elif index == 0:
             raise StepLogError(
-                f"{type(sink).__name__} cannot resume a run: resume with a tracking_uri (a local store or "
-                "an MLflow tracking server) first"
+                f"{type(sink).__name__} cannot resume a run yet: runs can be resumed in a local mlruns store "
+                "and on an MLflow tracking server (sqlite:/// destinations and custom sinks start new runs only)"
             )
         else:
             continue

@@ -1,7 +1,7 @@
 """Run: what a user holds. Identity, the hot-path and slow-path log calls, barriers and closing.
 
 A :class:`Run` owns a :class:`~steplog._buffer.Buffer` (where log calls put records)
-and a :class:`~steplog._writer.Writer` (the one task that moves them to the sinks).
+and a :class:`~steplog._writer.Writer` (one task, and one lane per sink, moving them to the sinks).
 Where the writer runs is decided once, when the run starts, by a host from
 :mod:`steplog._hosting`: a thread of its own for sync code, the caller's event loop
 for ``async with``. The run's state changes in one place (:meth:`Run._set_state`).

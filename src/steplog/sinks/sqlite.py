@@ -21,7 +21,6 @@ import errno
 import itertools
 import math
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -31,8 +30,9 @@ from typing import Any, Literal
 import anyio
 import orjson
 
+from .._artifacts import place_file, place_tree
 from .._errors import InvalidKeyError, InvalidValueError, StepLogError, WriteError
-from .._layout import DEFAULT_EXPERIMENT_ID, DEFAULT_EXPERIMENT_NAME, new_run_id, uri_to_path
+from .._layout import DEFAULT_EXPERIMENT_ID, DEFAULT_EXPERIMENT_NAME, new_run_id, temp_name, uri_to_path
 from .._records import ArtifactRecord, RunInfo, RunStatus
 from .._runmeta import source_name
 from .._sqlite_schema import DDL, KNOWN_REVISIONS, MLFLOW_VERSION, REVISION, SEEDS
@@ -485,16 +485,16 @@ class SqliteSink:
             raise WriteError(f"artifact path {record.artifact_path!r} escapes the run's artifact directory")
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
+            # through a temp name beside the final one: a kill mid-copy never leaves a truncated artifact
             if record.data is not None:
-                tmp = dest.with_name(f".steplog-tmp-{dest.name}")
+                tmp = dest.parent / temp_name()
                 tmp.write_bytes(record.data)
                 os.replace(tmp, dest)
                 self.bytes_written += len(record.data)
-            elif record.source is not None and os.path.isdir(record.source):
-                shutil.copytree(record.source, dest, dirs_exist_ok=True)
             elif record.source is not None:
-                shutil.copyfile(record.source, dest)
-                self.bytes_written += dest.stat().st_size
+                source = Path(record.source)
+                place = place_tree if source.is_dir() else place_file
+                self.bytes_written += place(source, dest, dest.parent, link=False, fsync=self._synchronous == "FULL")
         except OSError as exc:
             err = WriteError(f"cannot write artifact {dest}: {exc.strerror or exc}")
             err.errno, err.filename = exc.errno, str(dest)
