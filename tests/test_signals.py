@@ -121,28 +121,33 @@ def test_exception_in_with_flushes_and_sets_status(tmp_path: Path, hosting: str,
 
 
 CLOSING_CHILD = """
-import sys, time
+import os, select, signal, sys, time
 import anyio
 import steplog
-from steplog import _exit, _hosting
+from steplog import _hosting
 from steplog.testing import MemorySink
 
 store, where = sys.argv[1], sys.argv[2]
 
+# Python writes a signal's number here the moment it lands, whichever thread the OS delivered it to
+# (the main thread, where the handler runs, may be blocked in a lock wait that only its end interrupts)
+landed, landed_w = os.pipe()
+os.set_blocking(landed_w, False)
+signal.set_wakeup_fd(landed_w)
 
-def until_sigterm_handled():
-    # the barrier: steplog's SIGTERM handler has begun in the main thread (bounded, should it never come)
-    deadline = time.monotonic() + 30
-    while not _exit.signalled() and time.monotonic() < deadline:
-        time.sleep(0.001)
+
+def until_sigterm_lands():
+    # the barrier: the parent's SIGTERM has landed (bounded, should it never come). In the main
+    # thread, steplog's handler then runs at once, here: before the caller goes on
+    select.select([landed], [], [], 30)
 
 
 class GatedSink(MemorySink):
     async def write(self, batch):
         last = any(59 in column.steps for column in batch.metric_columns())
-        if where == "writing" and last:  # with flush_interval=60 only the close drains steps 50..59
+        if where == "writing" and last:  # only the close drains steps 50..59 (see below)
             print("closing", flush=True)
-            await anyio.to_thread.run_sync(until_sigterm_handled)
+            await anyio.to_thread.run_sync(until_sigterm_lands)
         await super().write(batch)
 
 
@@ -152,7 +157,7 @@ if where == "before-writer":
     def gated_close(self, status, timeout):
         # close() has begun (the run is CLOSING) and has not handed its finish to the writer yet
         print("closing", flush=True)
-        until_sigterm_handled()  # the handler runs in here, in the main thread
+        until_sigterm_lands()  # the handler runs in here, in the main thread
         close(self, status, timeout)
 
     _hosting.ThreadHosting.close = gated_close
@@ -162,18 +167,23 @@ if where == "holding-the-close-lock":
     from steplog._run import Run
 
     set_state = Run._set_state
+    gated = []
 
     def gated_set_state(self, new):
         # close() holds the run's close lock and has not marked the run CLOSING yet
-        if new is RunState.CLOSING and not _exit.signalled():
+        if new is RunState.CLOSING and not gated:
+            gated.append(True)  # once: the handler's own close passes straight through
             print("closing", flush=True)
-            until_sigterm_handled()  # the handler runs in here and closes the run itself
+            until_sigterm_lands()  # the handler runs in here and closes the run itself
         set_state(self, new)
 
     Run._set_state = gated_set_state
 
 run = steplog.start_run("signals", tracking_uri=store, sinks=[GatedSink()], flush_interval=60)
-for step in range(60):
+for step in range(50):
+    run.log_metrics({"loss": float(step), "acc/top1": 1.0}, step=step)
+run.flush()  # written; and with flush_interval=60 the writer's next drain is the close's, not a timed one
+for step in range(50, 60):
     run.log_metrics({"loss": float(step), "acc/top1": 1.0}, step=step)
 run.close()  # every log call above has returned: all 60 steps are the close's to write
 time.sleep(30)  # the signal ends the process before this
@@ -183,7 +193,9 @@ time.sleep(30)  # the signal ends the process before this
 @pytest.mark.parametrize(
     ("where", "status"),
     [
-        # the close under way already wrote through the writer: it ends the run as it was asked
+        # lands while the writer writes the close's last batch: the handler waits for that close, which
+        # ends the run as it was asked (or, when the OS gave the signal to another thread than the main
+        # one, whose lock wait only the close's end interrupts, runs after it)
         pytest.param("writing", "FINISHED", id="while-the-writer-writes"),
         # the close had not reached the writer: the handler runs the finish itself, as KILLED
         pytest.param("before-writer", "KILLED", id="before-the-close-reaches-the-writer"),
