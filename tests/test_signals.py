@@ -121,39 +121,100 @@ def test_exception_in_with_flushes_and_sets_status(tmp_path: Path, hosting: str,
 
 
 CLOSING_CHILD = """
-import sys, time
+import os, select, signal, sys, time
+import anyio
 import steplog
+from steplog import _hosting
 from steplog.testing import MemorySink
 
-class SlowSink(MemorySink):
-    def write_sync(self, batch):
-        time.sleep(0.05)
-        super().write_sync(batch)
+store, where = sys.argv[1], sys.argv[2]
 
+# Python writes a signal's number here the moment it lands, whichever thread the OS delivered it to
+# (the main thread, where the handler runs, may be blocked in a lock wait that only its end interrupts)
+landed, landed_w = os.pipe()
+os.set_blocking(landed_w, False)
+signal.set_wakeup_fd(landed_w)
+
+
+def until_sigterm_lands():
+    # the barrier: the parent's SIGTERM has landed (bounded, should it never come). In the main
+    # thread, steplog's handler then runs at once, here: before the caller goes on
+    select.select([landed], [], [], 30)
+
+
+class GatedSink(MemorySink):
     async def write(self, batch):
-        import anyio
-        await anyio.to_thread.run_sync(self.write_sync, batch)
+        last = any(59 in column.steps for column in batch.metric_columns())
+        if where == "writing" and last:  # only the close drains steps 50..59 (see below)
+            print("closing", flush=True)
+            await anyio.to_thread.run_sync(until_sigterm_lands)
+        await super().write(batch)
 
-run = steplog.start_run("signals", tracking_uri=sys.argv[1], sinks=[SlowSink()], flush_interval=0.01)
+
+if where == "before-writer":
+    close = _hosting.ThreadHosting.close
+
+    def gated_close(self, status, timeout):
+        # close() has begun (the run is CLOSING) and has not handed its finish to the writer yet
+        print("closing", flush=True)
+        until_sigterm_lands()  # the handler runs in here, in the main thread
+        close(self, status, timeout)
+
+    _hosting.ThreadHosting.close = gated_close
+
+if where == "holding-the-close-lock":
+    from steplog._lifecycle import RunState
+    from steplog._run import Run
+
+    set_state = Run._set_state
+    gated = []
+
+    def gated_set_state(self, new):
+        # close() holds the run's close lock and has not marked the run CLOSING yet
+        if new is RunState.CLOSING and not gated:
+            gated.append(True)  # once: the handler's own close passes straight through
+            print("closing", flush=True)
+            until_sigterm_lands()  # the handler runs in here and closes the run itself
+        set_state(self, new)
+
+    Run._set_state = gated_set_state
+
+run = steplog.start_run("signals", tracking_uri=store, sinks=[GatedSink()], flush_interval=60)
 for step in range(50):
     run.log_metrics({"loss": float(step), "acc/top1": 1.0}, step=step)
-    run.flush()  # one slow write a step: close() below has work left when the signal lands
-print("closing", flush=True)
+run.flush()  # written; and with flush_interval=60 the writer's next drain is the close's, not a timed one
 for step in range(50, 60):
     run.log_metrics({"loss": float(step), "acc/top1": 1.0}, step=step)
-run.close()
+run.close()  # every log call above has returned: all 60 steps are the close's to write
 time.sleep(30)  # the signal ends the process before this
 """
 
 
-def test_sigterm_during_close_lets_the_close_finish(tmp_path: Path) -> None:
-    """A SIGTERM that lands while close() writes waits for that close: the run ends with every point, not RUNNING."""
+@pytest.mark.parametrize(
+    ("where", "status"),
+    [
+        # lands while the writer writes the close's last batch: the handler waits for that close, which
+        # ends the run as it was asked (or, when the OS gave the signal to another thread than the main
+        # one, whose lock wait only the close's end interrupts, runs after it)
+        pytest.param("writing", "FINISHED", id="while-the-writer-writes"),
+        # the close had not reached the writer: the handler runs the finish itself, as KILLED
+        pytest.param("before-writer", "KILLED", id="before-the-close-reaches-the-writer"),
+        # the signal lands inside close()'s own check of the state: the handler's close must not deadlock
+        pytest.param("holding-the-close-lock", "KILLED", id="while-close-holds-its-lock"),
+    ],
+)
+def test_sigterm_during_close_lets_the_close_finish(tmp_path: Path, where: str, status: str) -> None:
+    """A SIGTERM that lands while close() runs waits for that close: every point logged before it is on disk."""
     store = tmp_path / "mlruns"
     proc = subprocess.Popen(
-        [sys.executable, "-c", CLOSING_CHILD, str(store)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", CLOSING_CHILD, str(store), where],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
+        # the child says "closing" from inside close(), after its last log call returned
         assert "closing" == proc.stdout.readline().strip()
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=60)
@@ -163,8 +224,7 @@ def test_sigterm_during_close_lets_the_close_finish(tmp_path: Path) -> None:
             proc.wait()
     assert -signal.SIGTERM == proc.returncode, err
     run, loss, acc = read_run(store)
-    # FINISHED if the close under way had reached the writer, KILLED if the signal beat it there; never RUNNING
-    assert run.info.status in ("FINISHED", "KILLED")
+    assert status == run.info.status
     assert run.info.end_time is not None
     assert list(range(60)) == loss
     assert list(range(60)) == acc

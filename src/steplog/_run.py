@@ -107,7 +107,9 @@ class Run:
         self._host: Host | None = None
         self._info: RunInfo | None = None
         self._pid = os.getpid()
-        self._close_lock = threading.Lock()
+        # re-entrant: steplog's SIGTERM handler runs in the main thread between any two bytecodes, also
+        # inside _begin_close holding this lock, and closes the run from there (a plain Lock deadlocked)
+        self._close_lock = threading.RLock()
         self._close_done = threading.Event()  # set when _finish has recorded the end (any thread)
         self._ended = threading.Event()  # set when the run is closed, whichever path closed it
         self._finish_started = False
