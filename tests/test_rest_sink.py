@@ -434,3 +434,26 @@ def test_emergency_close_gives_up_on_a_trickling_server_and_keeps_the_journal(tm
     ops = [op["op"] for _, op in journal.pending()]
     journal.close()
     assert ["batch", "end"] == ops
+
+
+def test_stats_describe_an_outage_and_its_end(tmp_path: Path) -> None:
+    """During an outage run.stats() shows the backlog, the retries and the last error in words; once the
+    server is back and a barrier returns, the backlog is empty."""
+    server = FakeServer()
+    sink = make_sink(server, tmp_path)
+    run = steplog.start_run("exp", sinks=[sink], flush_interval=0.01, handle_signals=False)
+    try:
+        server.down = True
+        for step in range(200):
+            run.log_metric("x", float(step), step=step)
+        run.flush()  # the sink keeps the points safe (memory or journal): flush returns during the outage
+        during = run.stats()
+        assert 200 == during.backlog
+        assert during.retries >= 1
+        assert "cannot connect" in (during.last_error or "")
+        server.down = False
+    finally:
+        run.close()
+    after = run.stats()
+    assert (0, None) == (after.backlog, after.last_error)
+    assert list(range(200)) == server.steps("x")

@@ -61,6 +61,13 @@ class Stats:
     ``dropped`` also counts device values modified in place before they could be read."""
     lost: int = 0
     """Metric points a sink refused for good (a name the file system cannot hold, say): never written."""
+    backlog: int = 0
+    """Metric points a sink has taken but its destination has not acknowledged yet (a tracking
+    server during an outage: held in memory or in the on-disk journal). They count as ``written``
+    (the sink keeps them safe) and are sent when the server answers again."""
+    spilled: int = 0
+    """Of those, the points that went to the on-disk outage journal (``steplog sync`` sends them if
+    the run ends before the server is back)."""
 
 
 class MetricPoint(NamedTuple):

@@ -779,6 +779,10 @@ class Writer:
             written = self._written
             lost = self._lost_points
             dropped = buffer.dropped + (deferred.dropped if deferred is not None else 0)
+        outages = [state() for lane in self._lanes if callable(state := getattr(lane.sink, "outage_state", None))]
+        last_error = None if self._last_error is None else str(self._last_error)
+        if last_error is None:  # a sink riding out an outage of its own says why in words
+            last_error = next((str(o.last_error) for o in outages if getattr(o, "last_error", None)), None)
         return Stats(
             logged=written + queued + dropped + lost,
             written=written,
@@ -788,11 +792,13 @@ class Writer:
             bytes_written=sum(lane.bytes_written for lane in self._lanes),
             last_flush_latency=self._last_latency,
             max_flush_latency=self._max_latency,
-            retries=self._retries,
+            retries=self._retries + sum(int(getattr(o, "retries", 0)) for o in outages),
             errors=self._errors,
-            last_error=None if self._last_error is None else str(self._last_error),
+            last_error=last_error,
             blocking_reads=deferred.blocking_reads if deferred is not None else 0,
             lost=lost,
+            backlog=sum(int(getattr(o, "backlog_points", 0)) for o in outages),
+            spilled=sum(int(getattr(o, "spilled_points", 0)) for o in outages),
         )
 
 

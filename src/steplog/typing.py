@@ -36,6 +36,11 @@ Writing a sink::
   ``run.stats().lost``, the rest of the batch is written, and the run ends FAILED.
 * **Optional attribute.** ``bytes_written: int`` (default 0) is summed into
   ``run.stats().bytes_written``.
+* **Optional method.** ``outage_state()`` returning an object with ``backlog_points``,
+  ``spilled_points``, ``retries`` and ``last_error`` (as
+  :class:`steplog.sinks.mlflow_rest.OutageState` does) is summed into ``run.stats()``'s
+  ``backlog``, ``spilled`` and ``retries``, and its ``last_error`` is shown when the writer has none:
+  a sink that keeps data through an outage of its own says so there.
 
 The first sink's :class:`~steplog.RunInfo` is the run's identity; the others get
 ``request.run_id`` set and join that run.
