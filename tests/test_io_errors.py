@@ -256,12 +256,15 @@ async def test_async_close_with_stuck_sink_is_bounded() -> None:
     """``async with`` over a stuck sink: aflush/aclose time out naming what is unwritten instead of hanging."""
     sink = StuckSink("async")
     run = steplog.start_run("stuck", sinks=[sink], handle_signals=False, close_timeout=0.3)
-    with pytest.raises(FlushTimeoutError) as caught:  # noqa: PT012 - the error comes from leaving the block
-        async with run:
-            run.log_metric("loss", 1.0, step=0)
-            with pytest.raises(FlushTimeoutError, match="'loss': 1"):
-                await run.aflush(timeout=0.2)
-    assert "close() timed out after 0.3 s with 1 metric points ('loss': 1)" in str(caught.value)
+    try:
+        with pytest.raises(FlushTimeoutError) as caught:  # noqa: PT012 - the error comes from leaving the block
+            async with run:
+                run.log_metric("loss", 1.0, step=0)
+                with pytest.raises(FlushTimeoutError, match="'loss': 1"):
+                    await run.aflush(timeout=0.2)
+        assert "close() timed out after 0.3 s with 1 metric points ('loss': 1)" in str(caught.value)
+    finally:
+        sink.release.set()  # the emergency write_sync close handed it is waiting: let it end
 
 
 class FlakySink(MemorySink):
@@ -336,3 +339,43 @@ def test_atexit_with_stuck_sink_does_not_hang(hosting: str) -> None:
     assert 0 == result.returncode, result.stderr
     assert "exiting" in result.stdout
     assert "'loss': 7" in result.stderr
+
+
+STUCK_CHILD = """
+import sys
+import anyio
+import steplog
+from steplog.testing import MemorySink
+
+
+class Stuck(MemorySink):
+    def write(self, batch):  # a plain method: the writer runs it off the event loop
+        import threading
+        threading.Event().wait()  # never returns
+
+    write_sync = write
+
+
+async def main():
+    run = steplog.start_run("stuck", sinks=[Stuck()], handle_signals=False, close_timeout=0.3)
+    try:
+        async with run:
+            run.log_metric("loss", 1.0, step=0)
+    except steplog.FlushTimeoutError:
+        print("gave up", flush=True)
+
+
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_sink_stuck_forever_never_keeps_the_process_from_exiting(backend: str, tmp_path: Path) -> None:
+    """close() gives up on a sink whose write never returns, and the interpreter still exits (its call runs on a
+    daemon thread: anyio's worker threads would be waited for at exit, forever)."""
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_CHILD)
+    done = subprocess.run([sys.executable, str(script), backend], capture_output=True, text=True, timeout=60)
+    assert 0 == done.returncode, done.stderr
+    assert "gave up" in done.stdout

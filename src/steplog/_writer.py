@@ -52,6 +52,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 
 from ._errors import FlushTimeoutError, InvalidValueError, WriteError
 from ._records import ArtifactRecord, RunInfo, RunStatus, Stats
@@ -176,10 +178,40 @@ class _Lane:
 
 
 async def _call(method: Callable[..., Any], *args: Any) -> Any:
-    """Await an ``async def`` sink method; run a plain one in a worker thread (a sync sink)."""
+    """Await an ``async def`` sink method; run a plain one on a daemon thread (a sync sink)."""
     if inspect.iscoroutinefunction(method):
         return await method(*args)
-    return await anyio.to_thread.run_sync(lambda: method(*args), abandon_on_cancel=True)
+    return await in_daemon_thread(lambda: method(*args))
+
+
+async def in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on a daemon thread of its own and await its result.
+
+    anyio's worker threads are not daemons: a sink stuck forever in a plain method would keep the
+    interpreter from exiting after ``close()`` gave up on it. Here the thread is a daemon, and a
+    cancelled wait abandons the call (as ``abandon_on_cancel`` does). Used for sink calls only: a
+    thread start costs tens of µs, once per write of a sink.
+    """
+    token = anyio.lowlevel.current_token()
+    done = anyio.Event()
+    outcome: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:  # handed to the awaiting task, raised there
+            outcome.append((False, exc))
+        try:
+            anyio.from_thread.run_sync(done.set, token=token)
+        except Exception:  # the loop ended while the call ran: nobody waits for it any more
+            pass
+
+    threading.Thread(target=target, name="steplog-sink-call", daemon=True).start()
+    await done.wait()
+    ok, value = outcome[0]
+    if ok:
+        return value
+    raise value
 
 
 _SWITCH_INTERVAL = 0.0005
@@ -667,7 +699,7 @@ class Writer:
         async def close_one(lane: _Lane) -> None:
             try:
                 if lane.queue:
-                    await anyio.to_thread.run_sync(self._write_lane_sync, lane, abandon_on_cancel=True)
+                    await in_daemon_thread(lambda: self._write_lane_sync(lane))
                 await lane.close(status, end_time)
             except Exception as exc:  # keep closing the other sinks; report the first failure
                 self._errors += 1
