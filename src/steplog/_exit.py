@@ -25,17 +25,39 @@ import signal
 import sys
 import threading
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ._records import RunStatus
 
-if TYPE_CHECKING:
-    from ._run import Run
+__all__ = ["ExitTarget", "install_signal_handlers", "register", "signalled", "unregister"]
 
-__all__ = ["install_signal_handlers", "register", "signalled", "unregister"]
+
+class ExitTarget(Protocol):
+    """What exit and signal handling need of an open run (a run hands one over when it starts)."""
+
+    @property
+    def pid(self) -> int:
+        """The process that started the run (a forked child never closes its parent's run)."""
+        ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def mark_signalled(self) -> None:
+        """However the run's code unwinds from here, the run ends KILLED."""
+        ...
+
+    def emergency_close(self, status: RunStatus) -> None:
+        """Write what is pending and record ``status``: bounded, never raises."""
+        ...
+
+    def emergency_flush(self, timeout: float) -> None:
+        """Write what is pending within ``timeout`` seconds, leaving the run open."""
+        ...
+
 
 # strong references: a run the user dropped without closing must still be closed (and written) at exit
-_runs: set[Run] = set()
+_runs: set[ExitTarget] = set()
 _lock = threading.Lock()
 _exit_status: RunStatus | None = None
 _signalled = False
@@ -46,7 +68,7 @@ _SIGNAL_FLUSH_TIMEOUT = 10.0
 """The most seconds a SIGTERM handler spends writing a run's pending data before chaining."""
 
 
-def register(run: Run) -> None:
+def register(run: ExitTarget) -> None:
     """Track an open run so that exit and signals close it."""
     global _installed_hooks
     with _lock:
@@ -57,7 +79,7 @@ def register(run: Run) -> None:
             _installed_hooks = True
 
 
-def unregister(run: Run) -> None:
+def unregister(run: ExitTarget) -> None:
     """Stop tracking a run (it is closed)."""
     with _lock:
         _runs.discard(run)
@@ -68,15 +90,15 @@ def signalled() -> bool:
     return _signalled
 
 
-def _open_runs() -> list[Run]:
+def _open_runs() -> list[ExitTarget]:
     pid = os.getpid()
-    return [run for run in list(_runs) if run._pid == pid and not run.closed]
+    return [run for run in list(_runs) if run.pid == pid and not run.closed]
 
 
 def _close_all_at_exit() -> None:
     status = _exit_status or RunStatus.FINISHED
     for run in _open_runs():
-        run._emergency_close(status)
+        run.emergency_close(status)
 
 
 def _wrap_excepthook() -> None:
@@ -121,18 +143,18 @@ def _on_signal(signum: int, frame: FrameType | None) -> Any:
     _exit_status = RunStatus.KILLED
     _signalled = True
     for run in _open_runs():
-        run._signalled = True  # however its code unwinds now, the run ends KILLED
+        run.mark_signalled()  # however its code unwinds now, the run ends KILLED
     if previous == signal.SIG_DFL:
         # the process is about to end: write what is pending, record KILLED, then die as before
         for run in _open_runs():
-            run._emergency_close(RunStatus.KILLED)
+            run.emergency_close(RunStatus.KILLED)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return None
     if signum == signal.SIGTERM:
         # the user's handler decides what happens next; whatever it does, pending data is on disk first
         for run in _open_runs():
-            run._emergency_flush(_SIGNAL_FLUSH_TIMEOUT)
+            run.emergency_flush(_SIGNAL_FLUSH_TIMEOUT)
     if callable(previous):
         return previous(signum, frame)
     return None

@@ -114,6 +114,7 @@ class Run:
         self._ended = threading.Event()  # set when the run is closed, whichever path closed it
         self._finish_started = False
         self._signalled = False  # set by steplog's SIGTERM/SIGINT handler while this run was open
+        self._exit_hooks = _ExitHooks(self)  # what exit and signal handling may do with this run
         # The hot path: bind the buffer's methods on the instance, so run.log_metric(...) is
         # one call with no delegation (the class methods below carry the docs and types).
         self.__dict__["log_metric"] = self._buffer.log_metric
@@ -333,7 +334,7 @@ class Run:
             self._info = dataclasses.replace(self._info, end_time=now_ms(), status=status)
         self._stop_sampler()
         self._stop_extras(status)
-        _exit.unregister(self)
+        _exit.unregister(self._exit_hooks)
         self._ended.set()
 
     def _refuse_restart(self) -> RunStateError:
@@ -351,7 +352,7 @@ class Run:
             self._stop_extras(RunStatus.FAILED)
             raise
         self._set_state(RunState.RUNNING)
-        _exit.register(self)
+        _exit.register(self._exit_hooks)
         self._start_extras()
 
     # ------------------------------------------------------------------ long jobs: opening and extra tasks
@@ -449,11 +450,13 @@ class Run:
                 self._writer, self._buffer, self._request, self._finish, self._finish_sync, self._open
             )
         except Exception:
-            _exit.unregister(self)  # the destination refused the run and the caller has the error: not again at exit
+            _exit.unregister(
+                self._exit_hooks
+            )  # the destination refused the run and the caller has the error: not again at exit
             self._stop_extras(RunStatus.FAILED)
             raise
         self._set_state(RunState.RUNNING)
-        _exit.register(self)
+        _exit.register(self._exit_hooks)
         self._start_extras()
         return self
 
@@ -787,7 +790,7 @@ def start_run(
     if current_loop() is None:
         run._start_threaded()
     else:
-        _exit.register(run)  # not started yet: the exit hook still writes what it buffered
+        _exit.register(run._exit_hooks)  # not started yet: the exit hook still writes what it buffered
     if opts.handle_signals is not False:
         _exit.install_signal_handlers(explicit=opts.handle_signals is True)
     return run
@@ -848,3 +851,30 @@ def _stopper(task: Any) -> Callable[[RunStatus, int], None]:
         task.stop()
 
     return stop
+
+
+class _ExitHooks:
+    """The run as :mod:`steplog._exit` sees it (:class:`~steplog._exit.ExitTarget`): the few calls
+    exit and signal handling make, so that module never reaches into a run's private state."""
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def pid(self) -> int:
+        return self._run._pid
+
+    @property
+    def closed(self) -> bool:
+        return self._run.closed
+
+    def mark_signalled(self) -> None:
+        self._run._signalled = True
+
+    def emergency_close(self, status: RunStatus) -> None:
+        self._run._emergency_close(status)
+
+    def emergency_flush(self, timeout: float) -> None:
+        self._run._emergency_flush(timeout)
