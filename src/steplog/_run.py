@@ -450,9 +450,8 @@ class Run:
                 self._writer, self._buffer, self._request, self._finish, self._finish_sync, self._open
             )
         except Exception:
-            _exit.unregister(
-                self._exit_hooks
-            )  # the destination refused the run and the caller has the error: not again at exit
+            # the destination refused the run and the caller has the error: not again at exit
+            _exit.unregister(self._exit_hooks)
             self._stop_extras(RunStatus.FAILED)
             raise
         self._set_state(RunState.RUNNING)
