@@ -52,11 +52,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 
 from ._errors import FlushTimeoutError, InvalidValueError, WriteError
 from ._records import ArtifactRecord, RunInfo, RunStatus, Stats
+from ._threads import in_daemon_thread
 from .typing import Batch, PermanentWriteError, RunRequest, Sink, SyncSink
 
 if TYPE_CHECKING:
@@ -182,36 +181,6 @@ async def _call(method: Callable[..., Any], *args: Any) -> Any:
     if inspect.iscoroutinefunction(method):
         return await method(*args)
     return await in_daemon_thread(lambda: method(*args))
-
-
-async def in_daemon_thread(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on a daemon thread of its own and await its result.
-
-    anyio's worker threads are not daemons: a sink stuck forever in a plain method would keep the
-    interpreter from exiting after ``close()`` gave up on it. Here the thread is a daemon, and a
-    cancelled wait abandons the call (as ``abandon_on_cancel`` does). Used for sink calls only: a
-    thread start costs tens of µs, once per write of a sink.
-    """
-    token = anyio.lowlevel.current_token()
-    done = anyio.Event()
-    outcome: list[tuple[bool, Any]] = []
-
-    def target() -> None:
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:  # handed to the awaiting task, raised there
-            outcome.append((False, exc))
-        try:
-            anyio.from_thread.run_sync(done.set, token=token)
-        except Exception:  # the loop ended while the call ran: nobody waits for it any more
-            pass
-
-    threading.Thread(target=target, name="steplog-sink-call", daemon=True).start()
-    await done.wait()
-    ok, value = outcome[0]
-    if ok:
-        return value
-    raise value
 
 
 _SWITCH_INTERVAL = 0.0005

@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import anyio
-
 from .._artifacts import STAGING, is_snapshot, place_file, place_tree
 from .._errors import InvalidKeyError, WriteError
 from .._layout import (
@@ -46,6 +44,7 @@ from .._layout import (
 )
 from .._records import ArtifactRecord, RunInfo, RunStatus
 from .._runmeta import cut_torn_tail, system_tags
+from .._threads import in_daemon_thread
 from .._validation import (
     check_experiment_id,
     check_experiment_name,
@@ -134,7 +133,7 @@ class MlrunsSink:
     # ------------------------------------------------------------------ open
 
     async def open(self, request: RunRequest) -> RunInfo:
-        return await anyio.to_thread.run_sync(self.open_sync, request)
+        return await in_daemon_thread(lambda: self.open_sync(request))
 
     def open_sync(self, request: RunRequest) -> RunInfo:
         """Create the experiment if needed and the run (directories, meta, system tags)."""
@@ -235,7 +234,7 @@ class MlrunsSink:
     # ------------------------------------------------------------------ write
 
     async def write(self, batch: Batch) -> None:
-        await anyio.to_thread.run_sync(self.write_sync, batch, abandon_on_cancel=True)
+        await in_daemon_thread(lambda: self.write_sync(batch))
 
     def write_sync(self, batch: Batch) -> None:
         """Write a batch; each finished entry is marked in ``batch.done`` (a retry skips it)."""
@@ -437,7 +436,7 @@ class MlrunsSink:
     # ------------------------------------------------------------------ close
 
     async def close(self, status: RunStatus, end_time: int) -> None:
-        await anyio.to_thread.run_sync(self.close_sync, status, end_time, abandon_on_cancel=True)
+        await in_daemon_thread(lambda: self.close_sync(status, end_time))
 
     def close_sync(self, status: RunStatus, end_time: int) -> None:
         """Write the final status and end time, then close every file."""

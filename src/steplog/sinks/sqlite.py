@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import anyio
 import orjson
 
 from .._artifacts import place_file, place_tree
@@ -36,6 +35,7 @@ from .._layout import DEFAULT_EXPERIMENT_ID, DEFAULT_EXPERIMENT_NAME, new_run_id
 from .._records import ArtifactRecord, RunInfo, RunStatus
 from .._runmeta import source_name
 from .._sqlite_schema import DDL, KNOWN_REVISIONS, MLFLOW_VERSION, REVISION, SEEDS
+from .._threads import in_daemon_thread
 from ..typing import Batch, RunRequest
 
 __all__ = ["SqliteSink", "database_path", "default_artifact_root", "is_sqlite_uri"]
@@ -253,7 +253,7 @@ class SqliteSink:
     # ------------------------------------------------------------------ open
 
     async def open(self, request: RunRequest) -> RunInfo:
-        return await anyio.to_thread.run_sync(self.open_sync, request)
+        return await in_daemon_thread(lambda: self.open_sync(request))
 
     def open_sync(self, request: RunRequest) -> RunInfo:
         """Open (or create) the database, find or create the experiment, create (or join) the run."""
@@ -370,7 +370,7 @@ class SqliteSink:
     # ------------------------------------------------------------------ write
 
     async def write(self, batch: Batch) -> None:
-        await anyio.to_thread.run_sync(self.write_sync, batch, abandon_on_cancel=True)
+        await in_daemon_thread(lambda: self.write_sync(batch))
 
     def write_sync(self, batch: Batch) -> None:
         """Write the batch's metrics, params and tags in one transaction, then its artifacts."""
@@ -503,7 +503,7 @@ class SqliteSink:
     # ------------------------------------------------------------------ close
 
     async def close(self, status: RunStatus, end_time: int) -> None:
-        await anyio.to_thread.run_sync(self.close_sync, status, end_time, abandon_on_cancel=True)
+        await in_daemon_thread(lambda: self.close_sync(status, end_time))
 
     def close_sync(self, status: RunStatus, end_time: int) -> None:
         """Record the final status and end time, then close the connection."""
