@@ -156,5 +156,22 @@ def _on_signal(signum: int, frame: FrameType | None) -> Any:
         for run in _open_runs():
             run.emergency_flush(_SIGNAL_FLUSH_TIMEOUT)
     if callable(previous):
+        loop = _asyncio_loop_here()
+        if loop is not None:
+            # Raised from here, the handler's exception (sys.exit, say) would surface in whatever
+            # bytecode the loop was running, anyio's cancel-scope bookkeeping included, and
+            # corrupt it; from a loop callback asyncio unwinds it cleanly, one iteration later.
+            loop.call_soon_threadsafe(previous, signum, frame)
+            return None
         return previous(signum, frame)
     return None
+
+
+def _asyncio_loop_here() -> Any:
+    """The asyncio event loop running on this thread, if any (a signal handler runs on the main thread)."""
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -20,7 +20,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
@@ -360,7 +360,7 @@ class LoopHosting:
         finally:
             self._task_group.cancel_scope.cancel()
             try:
-                await self._stack.aclose()
+                await _interrupts_as_the_caller_would_see_them(self._stack.aclose())
             finally:
                 if not finished:
                     # cancelled or interrupted mid-close (e.g. trio delivering KeyboardInterrupt into
@@ -406,3 +406,16 @@ def unwritten_error(writer: Writer) -> WriteError | None:
         except WriteError as exc:
             return exc
     return WriteError(f"the run closed with {writer.unwritten_summary()} not written (close() gave up)")
+
+
+async def _interrupts_as_the_caller_would_see_them(closing: Awaitable[None]) -> None:
+    """Await the writer's task group closing; a Ctrl-C that trio delivered into a writer task comes out
+    as the bare KeyboardInterrupt it would have been in the caller's own task (an exception group of
+    KeyboardInterrupts alone would end the process with status 1, not as SIGINT does)."""
+    try:
+        await closing
+    except BaseExceptionGroup as group:
+        interrupts, rest = group.split(KeyboardInterrupt)
+        if interrupts is not None and rest is None:
+            raise KeyboardInterrupt from group
+        raise
