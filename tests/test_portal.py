@@ -59,7 +59,8 @@ def test_two_loops_have_different_identities() -> None:
 
     first = anyio.run(identity)
     second = anyio.run(identity)
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     assert first is not second
 
 
@@ -85,7 +86,7 @@ async def test_loop_scheduler_runs_the_callback_in_the_loop_not_inline() -> None
 
 @pytest.mark.anyio
 async def test_loop_scheduler_wakes_the_loop_from_another_thread() -> None:
-    """A callback scheduled from a plain thread runs on the loop's thread, and schedule() returns without waiting for it."""
+    """A callback scheduled from a plain thread runs on the loop's thread; schedule() returns without waiting for it."""
     schedule = loop_scheduler()
     loop_thread = threading.get_ident()
     ran_on: list[int] = []

@@ -1,7 +1,7 @@
 """The writer (``_writer.py``) driven directly in the test's event loop: no thread, no run.
 
 A Buffer and sinks at the Sink seam, the writer as a task of the test's task group, and the
-buffer–writer contract of ``_writer``'s docstring checked from outside: what the sinks got,
+buffer-writer contract of ``_writer``'s docstring checked from outside: what the sinks got,
 ``stats()``, ``pending``, ``lost`` and ``raise_if_unwritten()``. Every test runs on asyncio and trio.
 """
 
@@ -122,8 +122,10 @@ async def test_the_first_sink_names_the_run_and_the_others_join_it() -> None:
     first, second = MemorySink(), MemorySink()
     async with running([first, second]) as (_buffer, writer):
         assert writer.info is not None
-        assert first.request is not None and first.request.run_id is None
-        assert second.request is not None and second.request.run_id == writer.info.run_id
+        assert first.request is not None
+        assert first.request.run_id is None
+        assert second.request is not None
+        assert second.request.run_id == writer.info.run_id
 
 
 async def test_a_step_boundary_wakes_the_sleeping_writer_without_a_barrier() -> None:
@@ -195,7 +197,7 @@ async def test_a_barrier_names_a_sink_stuck_past_sink_timeout() -> None:
 
 
 async def test_a_transient_failure_is_kept_raised_at_the_barrier_and_retried() -> None:
-    """A failing write raises WriteError (with the OS error) at the barrier, keeps the data, and a later barrier writes it."""
+    """A failing write raises WriteError (with its OS error) at the barrier; the data is kept for a later barrier."""
     sink = FlakySink()
     async with running([sink]) as (buffer, writer):
         buffer.log_metric("x", 1.0, step=0)
@@ -208,8 +210,10 @@ async def test_a_transient_failure_is_kept_raised_at_the_barrier_and_retried() -
             writer.raise_if_unwritten()
         stats = writer.stats()
         assert (stats.written, stats.queued, stats.lost) == (0, 1, 0)
-        assert stats.retries >= 1 and stats.errors >= 1
-        assert stats.last_error is not None and "No space left" in stats.last_error
+        assert stats.retries >= 1
+        assert stats.errors >= 1
+        assert stats.last_error is not None
+        assert "No space left" in stats.last_error
         sink.failing = False
         await writer.barrier()  # the barrier retries now, not after the backoff
         assert sink.values("x") == [1.0]
