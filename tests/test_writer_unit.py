@@ -196,6 +196,47 @@ async def test_a_barrier_names_a_sink_stuck_past_sink_timeout() -> None:
         assert not writer.pending
 
 
+class ThreadSignalSink(MemorySink):
+    """A MemorySink that sets ``wrote`` (a thread event) after each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wrote = threading.Event()
+
+    def write_sync(self, batch: Batch) -> None:
+        super().write_sync(batch)
+        self.wrote.set()
+
+
+async def test_stats_count_every_point_once_while_the_writer_drains_concurrently() -> None:
+    """A thread logging while the writer drains sees stats().logged equal to exactly what it has logged, every time."""
+    sink = ThreadSignalSink()
+    n, chunk = 5000, 500
+    async with running([sink], flush_interval=0.0) as (buffer, writer):
+
+        def log_and_count() -> list[tuple[int, int]]:
+            wrong: list[tuple[int, int]] = []
+            for i in range(n):
+                buffer.log_metrics({"a": float(i), "b": float(i)}, step=i)  # a step boundary wakes the writer
+                if i % 10 == 0:
+                    logged = writer.stats().logged
+                    if logged != 2 * (i + 1):
+                        wrong.append((2 * (i + 1), logged))
+                if i % chunk == chunk - 1:  # let the writer take a slice mid-way, whatever the scheduling
+                    sink.wrote.clear()
+                    assert sink.wrote.wait(WAIT)
+            return wrong
+
+        with anyio.fail_after(WAIT):
+            wrong = await anyio.to_thread.run_sync(log_and_count)
+            await writer.barrier()
+        assert wrong == []
+        stats = writer.stats()
+        assert (stats.logged, stats.written, stats.queued) == (2 * n, 2 * n, 0)
+        assert stats.flushes >= n // chunk  # the writer drained while the thread logged
+        assert sink.values("a") == [float(i) for i in range(n)]
+
+
 async def test_a_transient_failure_is_kept_raised_at_the_barrier_and_retried() -> None:
     """A failing write raises WriteError (with its OS error) at the barrier; the data is kept for a later barrier."""
     sink = FlakySink()
