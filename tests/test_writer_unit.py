@@ -1,0 +1,321 @@
+"""The writer (``_writer.py``) driven directly in the test's event loop: no thread, no run.
+
+A Buffer and sinks at the Sink seam, the writer as a task of the test's task group, and the
+buffer-writer contract of ``_writer``'s docstring checked from outside: what the sinks got,
+``stats()``, ``pending``, ``lost`` and ``raise_if_unwritten()``. Every test runs on asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from _sinks import WAIT, GateSink
+from steplog import InvalidValueError, RunStatus, WriteError
+from steplog._buffer import Buffer
+from steplog._hosting import attach_writer
+from steplog._portal import loop_scheduler
+from steplog._writer import Writer
+from steplog.testing import MemorySink
+from steplog.typing import Batch, PermanentWriteError, RunRequest, Sink
+
+pytestmark = pytest.mark.anyio
+
+REQUEST = RunRequest(experiment_name="unit", run_name="writer", tags={}, start_time=0, user_id="tester")
+
+
+class SignalSink(MemorySink):
+    """A MemorySink that sets ``written`` (an anyio event, in the writer's loop) after each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = anyio.Event()
+
+    async def write(self, batch: Batch) -> None:
+        self.write_sync(batch)
+        self.written.set()
+
+
+class ReleasedSink(GateSink):
+    """A GateSink that sets ``finished`` (a thread event) once a write it let through has returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished = threading.Event()
+
+    async def write(self, batch: Batch) -> None:
+        await super().write(batch)
+        self.finished.set()
+
+
+class FlakySink(MemorySink):
+    """A MemorySink whose writes fail with ENOSPC while ``failing`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = True
+        self.attempts = 0
+
+    def write_sync(self, batch: Batch) -> None:
+        self.attempts += 1
+        if self.failing:
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        super().write_sync(batch)
+
+
+class RefusingSink(MemorySink):
+    """A MemorySink that refuses the metric ``bad`` for good and writes everything else."""
+
+    def write_sync(self, batch: Batch) -> None:
+        if "bad" in {column.key for column in batch.metric_columns()}:
+            raise PermanentWriteError("metric 'bad' cannot be written (injected)", entry=("metric", "bad"))
+        super().write_sync(batch)
+
+
+@asynccontextmanager
+async def running(
+    sinks: Sequence[Sink], *, flush_interval: float = 60.0, sink_timeout: float | None = None
+) -> AsyncIterator[tuple[Buffer, Writer]]:
+    """A buffer and a started writer in the current loop, wired as a run wires them; stopped on exit."""
+    buffer = Buffer()
+    writer = Writer(buffer, sinks, flush_interval=flush_interval, sink_timeout=sink_timeout)
+    async with anyio.create_task_group() as tg:
+        attach_writer(buffer, writer, loop_scheduler(), loop_thread=threading.get_ident())
+        await writer.open(REQUEST)
+        await tg.start(writer.run)
+        try:
+            yield buffer, writer
+        finally:
+            with anyio.fail_after(WAIT):
+                await writer.stop()
+
+
+async def test_records_logged_through_the_buffer_reach_the_sink_at_a_barrier() -> None:
+    """After barrier(), the sink holds every point, param and tag logged before it, and nothing is pending."""
+    sink = MemorySink()
+    async with running([sink]) as (buffer, writer):
+        buffer.log_metric("loss", 0.5, step=0)
+        buffer.log_metrics({"loss": 0.25, "acc": 0.75}, step=1)
+        buffer.log_params({"lr": 0.1})
+        buffer.set_tags({"team": "a"})
+        await writer.barrier()
+        assert sink.values("loss") == [0.5, 0.25]
+        assert sink.steps("loss") == [0, 1]
+        assert sink.values("acc") == [0.75]
+        assert sink.params == {"lr": "0.1"}
+        assert sink.tags == {"team": "a"}
+        assert not writer.pending
+        stats = writer.stats()
+        assert (stats.logged, stats.written, stats.queued, stats.lost, stats.errors) == (3, 3, 0, 0, 0)
+        assert stats.flushes >= 1
+        writer.raise_if_unwritten()  # nothing unwritten: no error
+
+
+async def test_the_first_sink_names_the_run_and_the_others_join_it() -> None:
+    """open() returns the first sink's identity and hands its run id to every other sink."""
+    first, second = MemorySink(), MemorySink()
+    async with running([first, second]) as (_buffer, writer):
+        assert writer.info is not None
+        assert first.request is not None
+        assert first.request.run_id is None
+        assert second.request is not None
+        assert second.request.run_id == writer.info.run_id
+
+
+async def test_a_step_boundary_wakes_the_sleeping_writer_without_a_barrier() -> None:
+    """With a long flush_interval, a new step logged while the writer sleeps makes it write at once."""
+    sink = SignalSink()
+    async with running([sink], flush_interval=60.0) as (buffer, _writer):
+        await anyio.wait_all_tasks_blocked()  # the writer has done its first cycle and sleeps
+        assert buffer.asleep
+        buffer.log_metric("x", 1.0, step=1)  # a step boundary
+        with anyio.fail_after(WAIT):
+            await sink.written.wait()
+        assert sink.values("x") == [1.0]
+
+
+async def test_a_held_slice_counts_as_queued_until_the_sink_acknowledges_it() -> None:
+    """While the sink's write is in flight, stats() counts the points as queued and pending is True."""
+    sink = GateSink()
+    async with running([sink]) as (buffer, writer):
+        buffer.log_metrics({"a": 1.0, "b": 2.0}, step=0)
+        buffer.log_metric("a", 3.0, step=1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.barrier)
+            with anyio.fail_after(WAIT):
+                await anyio.to_thread.run_sync(sink.entered.wait, WAIT)
+            assert writer.pending
+            stats = writer.stats()
+            assert (stats.logged, stats.written, stats.queued) == (3, 0, 3)
+            assert buffer.queued() == 3  # the buffer's room counts what the writer holds
+            sink.gate.set()
+        assert not writer.pending
+        stats = writer.stats()
+        assert (stats.logged, stats.written, stats.queued) == (3, 3, 0)
+        assert buffer.queued() == 0
+
+
+async def test_a_slow_sink_does_not_hold_back_another_but_its_backlog_still_counts() -> None:
+    """One sink writes while another is stuck; the slice stays queued (and pending) until the slow one finishes."""
+    slow, fast = GateSink(), SignalSink()
+    async with running([slow, fast]) as (buffer, writer):
+        buffer.log_metric("x", 1.0, step=0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.barrier)
+            with anyio.fail_after(WAIT):
+                await fast.written.wait()
+            assert fast.values("x") == [1.0]
+            assert slow.values("x") == []
+            assert writer.pending
+            assert writer.stats().queued == 1
+            assert writer.stats().written == 0
+            slow.gate.set()
+        assert slow.values("x") == [1.0]
+        assert (writer.stats().written, writer.stats().queued) == (1, 0)
+
+
+async def test_a_barrier_names_a_sink_stuck_past_sink_timeout() -> None:
+    """barrier() raises WriteError naming the sink that did not acknowledge within sink_timeout; the data is kept."""
+    sink = ReleasedSink()
+    async with running([sink], sink_timeout=0.2) as (buffer, writer):
+        buffer.log_metric("x", 1.0, step=0)
+        with anyio.fail_after(WAIT), pytest.raises(WriteError, match=r"sink ReleasedSink#0 did not acknowledge"):
+            await writer.barrier()
+        assert writer.pending
+        assert writer.stats().queued == 1
+        sink.gate.set()
+        await anyio.to_thread.run_sync(sink.finished.wait, WAIT)  # the write goes on and returns
+        await writer.barrier()
+        assert sink.values("x") == [1.0]
+        assert not writer.pending
+
+
+class ThreadSignalSink(MemorySink):
+    """A MemorySink that sets ``wrote`` (a thread event) after each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wrote = threading.Event()
+
+    def write_sync(self, batch: Batch) -> None:
+        super().write_sync(batch)
+        self.wrote.set()
+
+
+async def test_stats_count_every_point_once_while_the_writer_drains_concurrently() -> None:
+    """A thread logging while the writer drains sees stats().logged equal to exactly what it has logged, every time."""
+    sink = ThreadSignalSink()
+    n, chunk = 5000, 500
+    async with running([sink], flush_interval=0.0) as (buffer, writer):
+
+        def log_and_count() -> list[tuple[int, int]]:
+            wrong: list[tuple[int, int]] = []
+            for i in range(n):
+                buffer.log_metrics({"a": float(i), "b": float(i)}, step=i)  # a step boundary wakes the writer
+                if i % 10 == 0:
+                    logged = writer.stats().logged
+                    if logged != 2 * (i + 1):
+                        wrong.append((2 * (i + 1), logged))
+                if i % chunk == chunk - 1:  # let the writer take a slice mid-way, whatever the scheduling
+                    sink.wrote.clear()
+                    assert sink.wrote.wait(WAIT)
+            return wrong
+
+        with anyio.fail_after(WAIT):
+            wrong = await anyio.to_thread.run_sync(log_and_count)
+            await writer.barrier()
+        assert wrong == []
+        stats = writer.stats()
+        assert (stats.logged, stats.written, stats.queued) == (2 * n, 2 * n, 0)
+        assert stats.flushes >= n // chunk  # the writer drained while the thread logged
+        assert sink.values("a") == [float(i) for i in range(n)]
+
+
+async def test_a_transient_failure_is_kept_raised_at_the_barrier_and_retried() -> None:
+    """A failing write raises WriteError (with its OS error) at the barrier; the data is kept for a later barrier."""
+    sink = FlakySink()
+    async with running([sink]) as (buffer, writer):
+        buffer.log_metric("x", 1.0, step=0)
+        with pytest.raises(WriteError, match="No space left") as caught:
+            await writer.barrier()
+        assert caught.value.errno == errno.ENOSPC
+        assert writer.pending
+        assert isinstance(writer.last_error, OSError)
+        with pytest.raises(WriteError, match="No space left"):
+            writer.raise_if_unwritten()
+        stats = writer.stats()
+        assert (stats.written, stats.queued, stats.lost) == (0, 1, 0)
+        assert stats.retries >= 1
+        assert stats.errors >= 1
+        assert stats.last_error is not None
+        assert "No space left" in stats.last_error
+        sink.failing = False
+        await writer.barrier()  # the barrier retries now, not after the backoff
+        assert sink.values("x") == [1.0]
+        assert not writer.pending
+        writer.raise_if_unwritten()
+        assert (writer.stats().written, writer.stats().queued) == (1, 0)
+        assert writer.lost == 0
+
+
+async def test_an_entry_refused_for_good_is_dropped_counted_and_reported_once() -> None:
+    """A PermanentWriteError drops only its entry (counted in lost), the rest is written, and it is raised once."""
+    sink = RefusingSink()
+    async with running([sink]) as (buffer, writer):
+        buffer.log_metrics({"good": 1.0, "bad": 2.0}, step=0)
+        with pytest.raises(WriteError, match="refused for good"):
+            await writer.barrier()
+        assert sink.values("good") == [1.0]
+        assert "bad" not in sink.metrics
+        assert writer.lost == 1
+        assert not writer.pending
+        stats = writer.stats()
+        assert (stats.logged, stats.written, stats.queued, stats.lost) == (2, 1, 0, 1)
+        writer.raise_if_unwritten()  # reported once: no second error
+        await writer.barrier()
+
+
+async def test_stop_writes_everything_and_ends_the_writer() -> None:
+    """stop() writes what is queued and ends the loop; close_sinks records the status; a later barrier returns."""
+    sink = MemorySink()
+    async with running([sink]) as (buffer, writer):
+        assert writer.alive
+        buffer.log_metric("x", 1.0, step=0)
+        with anyio.fail_after(WAIT):
+            await writer.stop()
+        assert not writer.alive
+        assert sink.values("x") == [1.0]
+        assert not writer.pending
+        await writer.barrier()  # the writer has stopped: returns at once, nothing unwritten
+        end = int(time.time() * 1000)
+        await writer.close_sinks(RunStatus.FINISHED, end)
+        assert (sink.status, sink.end_time) == (RunStatus.FINISHED, end)
+
+
+async def test_emergency_flush_writes_through_the_sync_path_without_the_writer_task() -> None:
+    """emergency_flush() drains the buffer and writes it with write_sync/close_sync, while the writer task never ran."""
+    buffer = Buffer()
+    sink = MemorySink()
+    writer = Writer(buffer, [sink], flush_interval=60.0)
+    await writer.open(REQUEST)
+    buffer.log_metric("x", 1.0, step=0)
+    buffer.log_params({"p": "v"})
+    assert not writer.started
+    writer.emergency_flush(RunStatus.KILLED, 123, timeout=WAIT)
+    assert sink.values("x") == [1.0]
+    assert sink.params == {"p": "v"}
+    assert (sink.status, sink.end_time) == (RunStatus.KILLED, 123)
+    assert not writer.pending
+    assert (writer.stats().written, writer.stats().queued) == (1, 0)
+
+
+def test_a_writer_without_sinks_is_refused_clearly() -> None:
+    """Writer(buffer, []) raises InvalidValueError saying a run needs a sink (no IndexError later)."""
+    with pytest.raises(InvalidValueError, match="at least one sink"):
+        Writer(Buffer(), [], flush_interval=1.0)
