@@ -274,11 +274,6 @@ async def test_open_run_explains_a_refused_permission() -> None:
     assert caught.value.__cause__ is denied
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_permission_error quotes its fallback prose with !r, so the message reads like a path: "
-    'permission on "the store\'s folder"',
-)
 @pytest.mark.anyio
 async def test_open_run_without_a_path_does_not_quote_prose_as_a_path() -> None:
     """A PermissionError with no filename still explains the fix, naming no made-up path in quotes."""

@@ -121,11 +121,6 @@ def test_an_asyncio_scheduler_of_a_closed_loop_does_nothing() -> None:
     assert calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loop_scheduler() on trio returns the token's run_sync_soon bare: once trio.run has returned it raises "
-    "trio.RunFinishedError, where the asyncio scheduler drops the callback (a late Buffer.wake would raise it)",
-)
 def test_a_trio_scheduler_of_a_finished_run_does_nothing() -> None:
     """Once its trio run has returned, the scheduler drops the callback and returns None instead of raising."""
     import trio

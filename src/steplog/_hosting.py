@@ -146,11 +146,11 @@ def _permission_error(exc: OSError) -> StepLogError:
         why = f"{path!r} is on a read-only file system" if path else "the file system is read-only"
         fix = "choose a tracking_uri on a writable disk"
     else:
-        folder = os.path.dirname(os.path.abspath(path)) if path else "the store's folder"
+        folder = repr(os.path.dirname(os.path.abspath(path))) if path else "the store's folder"
         who = _user()
         why = f"permission denied writing {path!r}" if path else "permission denied"
         fix = (
-            f"give {who} write and execute permission on {folder!r} (e.g. `chmod u+wx` as its owner), "
+            f"give {who} write and execute permission on {folder} (e.g. `chmod u+wx` as its owner), "
             "or choose a tracking_uri (or STEPLOG_TRACKING_URI) in a folder you can write to"
         )
     return StepLogError(f"steplog cannot create the run: {why}; {fix}")

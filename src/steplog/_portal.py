@@ -55,8 +55,15 @@ def loop_scheduler() -> Callable[[Callable[[], object]], object]:
         except RuntimeError:
             pass  # not inside trio
         else:
-            run_sync_soon: Callable[[Callable[[], object]], object] = token.run_sync_soon
-            return run_sync_soon
+            finished = trio.RunFinishedError
+
+            def schedule_in_trio(fn: Callable[[], object]) -> object:
+                try:
+                    return token.run_sync_soon(fn)
+                except finished:  # the run ended: nothing left to wake (as a closed asyncio loop)
+                    return None
+
+            return schedule_in_trio
     import asyncio
 
     loop = asyncio.get_running_loop()
