@@ -136,3 +136,17 @@ def test_handle_signals_takes_only_true_false_or_none(value: object) -> None:
     """A truthy string such as "no" would install the signal handlers by mistake: refused, naming the choices."""
     with pytest.raises(InvalidValueError, match="handle_signals must be True, False or None"):
         steplog.start_run("e", sinks=[MemorySink()], handle_signals=value)
+
+
+def test_steplog_handle_signals_zero_keeps_the_handlers_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """STEPLOG_HANDLE_SIGNALS=0 installs no SIGTERM handler (for runs started by code the user does not write);
+    a garbled value is refused naming the variable."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("STEPLOG_HANDLE_SIGNALS", "0")
+    with steplog.start_run("e", sinks=[MemorySink()]):
+        assert before is signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv("STEPLOG_HANDLE_SIGNALS", "maybe")
+    with pytest.raises(InvalidValueError, match="STEPLOG_HANDLE_SIGNALS"):
+        steplog.start_run("e", sinks=[MemorySink()])

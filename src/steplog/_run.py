@@ -747,6 +747,7 @@ def start_run(
             server that does not answer); the run to resume does not exist there.
     """
     opts = Options.from_kwargs(options)
+    handle = opts.handle_signals if opts.handle_signals is not None else _handle_signals_from_env()
     check_experiment_name(experiment)
     run_name_given = run_name
     if run_name is None:
@@ -790,9 +791,25 @@ def start_run(
         run._start_threaded()
     else:
         _exit.register(run._exit_hooks)  # not started yet: the exit hook still writes what it buffered
-    if opts.handle_signals is not False:
-        _exit.install_signal_handlers(explicit=opts.handle_signals is True)
+    if handle is not False:
+        _exit.install_signal_handlers(explicit=handle is True)
     return run
+
+
+def _handle_signals_from_env() -> bool | None:
+    """``STEPLOG_HANDLE_SIGNALS``: ``0``/``false``/``no``/``off`` keeps steplog's signal handlers out of the process
+    (for runs whose ``start_run`` call the user does not write: MLflow's ``steplog+`` URIs, a framework's own)."""
+    raw = os.environ.get("STEPLOG_HANDLE_SIGNALS")
+    if raw is None or not raw.strip():
+        return None
+    word = raw.strip().lower()
+    if word in ("0", "false", "no", "off"):
+        return False
+    if word in ("1", "true", "yes", "on"):
+        return True
+    raise InvalidValueError(
+        f"environment variable STEPLOG_HANDLE_SIGNALS={raw[:40]!r} is not allowed: use 0/false/no/off or 1/true/yes/on"
+    )
 
 
 def plan_job(experiment: str, opts: Options, run_name: str | None) -> JobPlan:
