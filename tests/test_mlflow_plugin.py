@@ -630,9 +630,12 @@ def test_transformers_mlflow_callback_writes_what_plain_mlflow_writes(
     timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
     # HF logs `epoch` again at the end with the same step and value: whether the two share a millisecond (and
-    # are then one identical point, written once by steplog) is timing, so repeats are folded on both sides
+    # are then one identical point, written once by steplog) is timing, so repeats are folded on both sides.
+    # HF's callback logs with synchronous=False, so plain MLflow's file holds the points in the order its
+    # background queue wrote them, which varies: the histories are compared in step order
     def folded(hist: dict[str, list[tuple[int, bytes]]]) -> dict[str, list[tuple[int, bytes]]]:
-        return {k: [p for i, p in enumerate(v) if i == 0 or p != v[i - 1]] for k, v in hist.items() if k not in timing}
+        ordered = {k: sorted(v) for k, v in hist.items() if k not in timing}
+        return {k: [p for i, p in enumerate(v) if i == 0 or p != v[i - 1]] for k, v in ordered.items()}
 
     plugin_hist = history_bits(plugin_client, plugin_id)
     assert set(timing) <= set(plugin_hist)
