@@ -279,7 +279,7 @@ def test_file_mode_is_kept_as_mlflow_keeps_it(store: Path, tmp_path: Path) -> No
     assert 0o755 == (store / run.experiment_id / run.run_id / "artifacts" / "run.sh").stat().st_mode & 0o777
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
 def test_a_forked_child_dropping_a_snapshot_leaves_the_parents_copy(tmp_path: Path) -> None:
     """A snapshot record dropped in a forked child (a DataLoader worker) does not delete the parent's pending copy."""
     import gc

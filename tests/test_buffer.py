@@ -341,7 +341,7 @@ def test_logging_after_close_raises_run_state_error(call: object) -> None:
     assert [0.5] == sink.values("x")
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
 def test_a_forked_child_cannot_log_through_its_parents_run() -> None:
     """A forked child that logs through its parent's run gets a StepLogError naming both processes."""
     run, sink = memory_run()

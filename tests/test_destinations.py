@@ -110,7 +110,6 @@ def test_an_unsupported_uri_never_shows_its_password(empty_cwd: Path) -> None:
 
 def test_the_description_of_a_server_hides_its_password(empty_cwd: Path) -> None:
     """What ``repr(run)`` shows for a tracking server never holds the URL's password."""
-    pytest.importorskip("httpx")
     chosen = make_sinks(["http://admin:pa#ss@127.0.0.1:5000", "runs"], [MemorySink()], Options())
     assert "http://admin:***@127.0.0.1:5000 + runs + MemorySink" == chosen.where
     assert ["MlflowRestSink", "MlrunsSink", "MemorySink"] == [type(s).__name__ for s in chosen.sinks]

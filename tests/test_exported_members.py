@@ -25,18 +25,7 @@ SINK_MODULES = sorted(
     for info in pkgutil.iter_modules(steplog.sinks.__path__)
     if not info.name.startswith("_")
 )
-# Public-looking classes and functions these modules define outside their __all__, left to the helpers
-# that own the modules (the REST sink is being split, its helpers moved to private modules). The xfail is
-# strict: once the module is tidy, the test passes and the mark must go.
-UNTIDY: dict[str, str] = {}
-
-
-def _module_params() -> list[object]:
-    params: list[object] = []
-    for name in TOPIC_MODULES + SINK_MODULES:
-        marks = [pytest.mark.xfail(strict=True, reason=UNTIDY[name])] if name in UNTIDY else []
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+PUBLIC_MODULES = TOPIC_MODULES + SINK_MODULES
 
 
 def _defined_here(module: ModuleType) -> set[str]:
@@ -80,7 +69,7 @@ def test_public_classes_print_as_steplog_names() -> None:
     assert ["<class", "'steplog.RunStateError'>", "steplog", "steplog"] == out
 
 
-@pytest.mark.parametrize("name", _module_params())
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
 def test_each_public_module_exports_exactly_its_public_names(name: str) -> None:
     """Each public module's __all__ is sorted, every name in it exists, and no public class or function is left out."""
     module = importlib.import_module(name)

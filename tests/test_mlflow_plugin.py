@@ -20,16 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking._tracking_service import utils as tracking_utils
 
-mlflow = pytest.importorskip("mlflow")
-
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking._tracking_service import utils as tracking_utils  # noqa: E402
-
-from steplog._mlflow_store import SteplogFileStore, SteplogRestStore, split_uri  # noqa: E402
+from steplog._mlflow_store import SteplogFileStore, SteplogRestStore, split_uri
 
 CHILD = Path(__file__).parent / "_children" / "mlflow_endings.py"
 SCHEMES = ("steplog", "steplog+file", "steplog+http", "steplog+https")
@@ -57,7 +55,7 @@ def _fresh_mlflow() -> Iterator[None]:
     yield
     while mlflow.active_run() is not None:
         mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # MLflow resets to its default with None
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     mlflow.tracking.fluent._active_experiment_id = None
@@ -139,7 +137,9 @@ def fluent_workload(uri: str, tmp: Path) -> dict[str, str]:
             mlflow.set_tag("mlflow.note.content", "a child")
         mlflow.set_tag("mlflow.runName", "parent-renamed")
     client = MlflowClient(uri)
-    made = client.create_run(mlflow.get_experiment_by_name("dropin").experiment_id, run_name="client")
+    experiment = mlflow.get_experiment_by_name("dropin")
+    assert experiment is not None
+    made = client.create_run(experiment.experiment_id, run_name="client")
     rid = made.info.run_id
     client.log_batch(
         rid,
@@ -213,8 +213,8 @@ def test_installed_entry_points_reach_mlflow(tmp_path: Path) -> None:
     from importlib.metadata import entry_points
 
     names = {point.name for point in entry_points(group="mlflow.tracking_store")}
-    if "steplog+file" not in names:
-        pytest.skip("this environment's steplog was installed before the mlflow entry points: pip install -e .")
+    # `make test` installs steplog with its entry points: MLflow must find them (reinstall a stale checkout)
+    assert {"steplog", "steplog+file", "steplog+http", "steplog+https"} <= names
     code = (
         "import mlflow.tracking._tracking_service.utils as u, sys; "
         "print(type(u._get_store(sys.argv[1])).__name__, type(u._get_store(sys.argv[2])).__name__)"
@@ -246,7 +246,8 @@ def test_fluent_and_client_code_writes_what_plain_mlflow_writes(tmp_path: Path) 
 
 def test_get_run_of_a_run_being_written_matches_mlflows_reader_without_io(tmp_path: Path) -> None:
     """get_run is answered from memory, and equals what MLflow's FileStore reads once everything is written."""
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     uri = f"steplog+{(tmp_path / 'mlruns').as_uri()}"
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_name="r") as run:
@@ -255,7 +256,12 @@ def test_get_run_of_a_run_being_written_matches_mlflows_reader_without_io(tmp_pa
         for step, value in enumerate(VALUES):
             mlflow.log_metrics({"v": value, "w": -value}, step=step % 3, timestamp=T0 + step)
         # a write steplog does not buffer (MLflow's store writes it), read back once: get_run stays in memory
-        mlflow.log_input(mlflow.data.from_numpy(np.arange(6.0).reshape(3, 2), name="train"), context="training")
+        mlflow.log_input(
+            mlflow.data.from_numpy(  # type: ignore[attr-defined]  # mlflow.data re-exports it lazily
+                np.arange(6.0).reshape(3, 2), name="train"
+            ),
+            context="training",
+        )
         mlflow.log_metric("after_input", 1.5, step=7, timestamp=T0)
         store = store_for(uri)
         touched: list[str] = []
@@ -355,7 +361,7 @@ def test_reads_flush_first_and_only_when_something_is_pending(tmp_path: Path) ->
     "call",
     [
         lambda: mlflow.log_metric("bad key?", 1.0),
-        lambda: mlflow.log_metric("x", "not a number"),
+        lambda: mlflow.log_metric("x", "not a number"),  # type: ignore[arg-type]  # a wrong type on purpose
         lambda: mlflow.log_param("p", 2),  # logged as 1 first
         lambda: mlflow.log_params({"../escape": 1}),
         lambda: mlflow.set_tag("", "v"),
@@ -463,8 +469,8 @@ def test_deleting_a_run_being_written_stays_deleted(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sklearn_autolog_writes_what_plain_mlflow_writes(tmp_path: Path) -> None:
     """mlflow.sklearn.autolog() with a small model logs the same params, metrics and tags through the plugin."""
-    sklearn_linear = pytest.importorskip("sklearn.linear_model")
     import numpy as np
+    import sklearn.linear_model as sklearn_linear  # type: ignore[import-untyped]  # scikit-learn ships no types
 
     x = np.arange(40, dtype=float).reshape(20, 2)
     y = x @ np.array([0.5, -1.5]) + 2.0
@@ -514,8 +520,8 @@ def history_bits(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int,
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on dataloader workers
 def test_lightning_mlflow_logger_writes_what_plain_mlflow_writes(tmp_path: Path) -> None:
     """Lightning's own MLFlowLogger (MlflowClient underneath) pointed at steplog+file: logs the same run."""
-    pl = pytest.importorskip("lightning.pytorch")
-    torch = pytest.importorskip("torch")
+    import lightning.pytorch as pl
+    import torch
     from lightning.pytorch.loggers import MLFlowLogger
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -576,9 +582,8 @@ def test_transformers_mlflow_callback_writes_what_plain_mlflow_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """HF's own MLflowCallback (fluent API, MLFLOW_TRACKING_URI) pointed at steplog+file: logs the same run."""
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("accelerate")
+    import torch
+    import transformers
 
     dataset_base: Any = torch.utils.data.Dataset
 

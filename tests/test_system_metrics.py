@@ -17,8 +17,6 @@ import pytest
 import steplog
 from steplog._system_metrics import SystemMetrics, enabled_by_env, sample_names
 
-pytest.importorskip("psutil", reason="the 'system' extra (psutil) is part of the test extra")
-
 SAMPLES = 3
 
 
