@@ -367,3 +367,73 @@ def test_a_forked_child_cannot_log_through_its_parents_run() -> None:
     assert text.startswith("StepLogError: this run belongs to process")
     assert str(os.getpid()) in text
     assert [1.0, 3.0] == sink.values("x")
+
+
+# --------------------------------------------------------------------------- calls in flight at close
+
+
+class _SlowFloat(float):
+    """A value whose conversion blocks until released: its log call stays inside the buffer meanwhile."""
+
+    entered: threading.Event
+    release: threading.Event
+
+    def __new__(cls, entered: threading.Event, release: threading.Event) -> _SlowFloat:
+        return super().__new__(cls, 0.0)
+
+    def __init__(self, entered: threading.Event, release: threading.Event) -> None:
+        self.entered = entered
+        self.release = release
+
+    def __float__(self) -> float:
+        self.entered.set()
+        self.release.wait(10)
+        return 1.5
+
+
+def test_a_call_inside_the_buffer_is_seen_in_flight_from_another_thread() -> None:
+    """calls_in_flight() sees another thread's log call that has not returned, and not one that has."""
+    from steplog._buffer import Buffer
+
+    run, sink = memory_run()
+    entered, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def log() -> None:
+        try:
+            run.log_metric("slow", _SlowFloat(entered, release), step=1)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with run:
+        assert not Buffer.calls_in_flight()
+        thread = threading.Thread(target=log)
+        thread.start()
+        assert entered.wait(10)
+        assert Buffer.calls_in_flight()
+        release.set()
+        thread.join(10)
+        assert not Buffer.calls_in_flight()
+    assert not errors
+    assert points(sink, "slow") == [(1, 1.5)]
+
+
+def test_close_does_not_sleep_when_no_call_is_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last drain waits only for calls in flight: none here, so close() asks for no sleep of 1 ms or more."""
+    import anyio
+
+    from steplog import _writer
+
+    requested: list[float] = []
+    real_sleep = anyio.sleep
+
+    async def spy(delay: float) -> None:
+        requested.append(delay)
+        await real_sleep(delay)
+
+    run, sink = memory_run()
+    with run:
+        run.log_metric("a", 1.0, step=0)
+        monkeypatch.setattr(_writer.anyio, "sleep", spy)
+    assert [d for d in requested if d >= 0.001] == []
+    assert points(sink, "a") == [(0, 1.0)]

@@ -19,6 +19,7 @@ a full buffer, a closed run, a forked child) leaves the fast path for
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import warnings
@@ -590,6 +591,32 @@ class Buffer:
     def detach(self) -> None:
         """Stop tracking this buffer for fork handling."""
         _live_buffers.discard(self)
+
+    @staticmethod
+    def calls_in_flight() -> bool:
+        """True if a thread other than the current one is inside a Buffer method right now.
+
+        A call that passed the hot path's room check just before :meth:`seal` appends after it;
+        the writer's last drain waits for such calls to leave (they need the interpreter lock
+        for a few bytecodes). Looking at every thread's stack takes microseconds, where
+        sleeping a fixed two switch intervals cost every ``close()`` 10 ms. Any buffer counts
+        (frames are not asked whose ``self`` they hold): at worst the wait covers another
+        run's call too, and it is bounded by the caller.
+        """
+        me = threading.get_ident()
+        for ident, frame in sys._current_frames().items():
+            if ident == me:
+                continue
+            f: Any = frame
+            while f is not None:
+                if f.f_code in _BUFFER_CODES:
+                    return True
+                f = f.f_back
+        return False
+
+
+_BUFFER_CODES = frozenset(fn.__code__ for fn in vars(Buffer).values() if callable(fn) and hasattr(fn, "__code__"))
+"""Code objects of Buffer's methods: a frame running one of them is a call in flight."""
 
 
 def _for_keys(keys: Any, convert: Callable[[Any], int], value: Any) -> int:

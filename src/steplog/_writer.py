@@ -395,7 +395,11 @@ class Writer:
                 # the interpreter lock, so that its append lands before the drains that follow
                 sealed = True
                 buffer.seal("the run is closing: start a new run to log more")
-                await anyio.sleep(2 * sys.getswitchinterval())
+                # a call in flight (another thread, past the room check) appends once it gets the
+                # interpreter lock: wait for it to leave, at most two switch intervals as before
+                deadline = time.monotonic() + 2 * sys.getswitchinterval()
+                while buffer.calls_in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110 - a poll of other threads' stacks: no event to wait on
+                    await anyio.sleep(0.0002)
                 continue
             if not self._has_work():
                 break
