@@ -1,4 +1,4 @@
-"""Metric lines for a whole batch of one key in a few C-level calls (not wired into the writer yet).
+"""Metric lines for a whole batch of one key in a few C-level calls (used by the mlruns sink).
 
 The mlruns sink writes one line per point, ``b"%d %b %d\\n" % (timestamp, value_text, step)``,
 with the value spelled by orjson (shortest text that reads back to the same bits) and NaN and
