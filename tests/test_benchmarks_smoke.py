@@ -117,6 +117,20 @@ def test_phase_two_micro_benchmarks_run_standalone(tmp_path: Path, script: str) 
     assert result["targets"]
 
 
+def test_floor_runs_when_named_and_states_its_conclusion(tmp_path: Path) -> None:
+    """``steplog bench --only floor`` runs the floor benchmark (an extra, outside the default suite):
+    every row measured, both floor targets, a conclusion line, and the summary lists it alone."""
+    assert "floor" not in SUITE
+    assert 0 == cli.main(["bench", "--smoke", "--only", "floor", "--out", str(tmp_path), "--no-chart"])
+    result = json.loads((tmp_path / "floor.json").read_text())
+    groups = {r["group"] for r in result["rows"]}
+    assert {"1 touch", "2 read", "3 encode", "4 writer", "5 call"} == groups
+    assert all(r["cpu_ns"]["n"] == result["rounds"] for r in result["rows"])
+    assert 2 == len(result["targets"])
+    assert result["conclusion"].startswith("cheapest full read of a point: ")
+    assert ["floor"] == json.loads((tmp_path / "summary.json").read_text())["benchmarks"]
+
+
 def test_unknown_benchmark_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     """``steplog bench --only nope`` fails with a one-line error naming the choices, not a traceback."""
     assert 1 == cli.main(["bench", "--only", "nope"])

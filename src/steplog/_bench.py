@@ -5,6 +5,8 @@ docstrings). This command finds that folder next to the installed source (an edi
 install of a clone, as ``make bench`` makes), runs every script side by side with its
 contenders, and finishes with one table of the targets, written with the per-script
 JSON and PNG files to ``benchmarks/results/`` (``results/quick/`` for ``--quick``).
+The extras (``EXTRAS``: ``floor``, the CPython floor of the writer per point) run only when
+named, as in ``steplog bench --quick --only floor``.
 
 A full run starts one fresh interpreter per script, so no contender's leftover threads
 disturb the next script; ``--quick`` (under a minute) runs them in this process with
@@ -32,7 +34,7 @@ from typing import Any
 
 from ._cli import CommandError
 
-__all__ = ["SUITE", "find_benchmarks", "register", "run_suite"]
+__all__ = ["EXTRAS", "SUITE", "find_benchmarks", "register", "run_suite"]
 
 SUITE = (
     "import_time",
@@ -44,6 +46,9 @@ SUITE = (
     "memory",
 )
 """The suite's scripts, in the order they run (the cheapest first)."""
+
+EXTRAS = ("floor",)
+"""Scripts run only when named with ``--only`` (as the suite's are): they explain a target, they do not check one."""
 
 # The other benchmarks of benchmarks/, run as they are by a full run when present (not by --quick).
 _OTHERS: dict[str, list[str]] = {
@@ -65,7 +70,11 @@ def register(subparsers: Any) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer rounds, smaller sizes, in one process (< 1 min)")
     size.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny sizes: the test suite's check
-    parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SUITE)}")
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated subset of: {', '.join(SUITE)}; extras, run only when named: {', '.join(EXTRAS)}",
+    )
     parser.add_argument("--out", type=Path, default=None, help="where to write results (default benchmarks/results/)")
     parser.add_argument("--no-chart", action="store_true", help="write no PNG charts")
     parser.set_defaults(func=_main)
@@ -93,9 +102,9 @@ def _main(args: argparse.Namespace) -> int:
     find_benchmarks()  # first: from a wheel, nothing else this command says would help
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SUITE)
-    unknown = sorted(set(names) - set(SUITE))
+    unknown = sorted(set(names) - set(SUITE) - set(EXTRAS))
     if unknown:
-        raise CommandError(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(SUITE)}")
+        raise CommandError(f"unknown benchmark {', '.join(unknown)}: choose from {', '.join(SUITE + EXTRAS)}")
     failed = run_suite(names, mode=mode, out=args.out, chart=not args.no_chart, others=not args.only)
     if failed:
         raise CommandError(f"{len(failed)} benchmark(s) failed: {', '.join(failed)} (see above)")
@@ -151,11 +160,11 @@ def _summarize(
 ) -> None:
     """Print the targets of every script with results in ``out``, and write summary.json and summary.md.
 
-    Results from earlier runs of the scripts not run this time (``--only``) are included too,
-    each with the time it was measured.
+    Results from earlier runs of the suite's scripts not run this time (``--only``) are included
+    too, each with the time it was measured; an extra only when it ran this time.
     """
     results: dict[str, Any] = {}
-    for name in SUITE:
+    for name in (*SUITE, *(n for n in EXTRAS if n in names)):
         path = out / f"{name}.json"
         if path.is_file():
             results[name] = json.loads(path.read_text(encoding="utf-8"))
