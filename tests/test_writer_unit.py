@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from _sinks import WAIT, GateSink
@@ -319,3 +320,58 @@ def test_a_writer_without_sinks_is_refused_clearly() -> None:
     """Writer(buffer, []) raises InvalidValueError saying a run needs a sink (no IndexError later)."""
     with pytest.raises(InvalidValueError, match="at least one sink"):
         Writer(Buffer(), [], flush_interval=1.0)
+
+
+async def test_a_big_drain_comes_in_parts_and_the_event_loop_runs_between_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A drain larger than one part lets other tasks run between parts; every point still arrives once, in order."""
+    from steplog import _writer
+
+    monkeypatch.setattr(_writer, "_DRAIN_PART", 3 * 5)  # five points a part
+    parts: list[int] = []
+    ticks = 0
+    real = Buffer.drain_part
+
+    def spy(self: Buffer, start: int, budget: int | None) -> tuple[object, ...]:
+        parts.append(ticks)  # how often the other task had run when this part began
+        return real(self, start, budget)
+
+    monkeypatch.setattr(Buffer, "drain_part", spy)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    sink = MemorySink()
+    async with running([sink]) as (buffer, writer), anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        for step in range(12):
+            buffer.log_metrics({f"k{i}": step + i / 10 for i in range(8)}, step=step)
+        await writer.barrier()
+        tg.cancel_scope.cancel()
+        for i in range(8):
+            assert sink.steps(f"k{i}") == list(range(12))
+            assert sink.values(f"k{i}") == [step + i / 10 for step in range(12)]
+        stats = writer.stats()
+        assert (stats.logged, stats.written, stats.queued) == (96, 96, 0)
+    assert len(parts) >= 8  # 96 points at most ~12 a part (one key's column is taken whole)
+    assert parts == sorted(parts)
+    assert parts[-1] > parts[0]
+
+
+def test_drain_parts_take_every_key_once_and_count_what_they_took() -> None:
+    """drain_part() walks the keys from a cursor; what it took stays counted in queued() until set_pending()."""
+    buffer = Buffer()
+    for step in range(4):
+        buffer.log_metrics({"a": 1.0, "b": 2.0, "c": 3.0}, step=step)
+    first, _events, rest = buffer.drain_part(0, 4 * 3)
+    assert [key for key, _items in first] == ["a"]
+    assert rest == 1
+    assert buffer.queued() == 12
+    second, _events, rest = buffer.drain_part(rest, None)
+    assert [key for key, _items in second] == ["b", "c"]
+    assert rest is None
+    assert buffer.queued() == 12
+    buffer.set_pending(12)  # the writer counts them now (its own source reports 0 here)
+    assert buffer.queued() == 0

@@ -497,17 +497,37 @@ class Buffer:
         counted in :meth:`queued` and the hot path's room is sized with them, so a caller
         racing the drain cannot overfill the buffer past ``max_buffer``.
         """
+        metrics, events, _rest = self.drain_part(0, None)
+        return metrics, events
+
+    def drain_part(self, start: int, budget: int | None) -> tuple[list[tuple[str, list[Any]]], list[Event], int | None]:
+        """Like :meth:`drain`, for the keys from the ``start``-th on, until ``budget`` items are taken.
+
+        Returns what :meth:`drain` does and the index of the first key not looked at (None when
+        every key was). Keys keep their first-logged order, so a writer in the caller's event
+        loop drains a big backlog in parts and lets the loop run in between (a drain of 86,000
+        points takes ~0.5 ms of interpreter time). Each part is a whole drain: counted in
+        :meth:`queued` until :meth:`set_pending`, however many parts come before it.
+        """
         if self._cap > 0:
             self._cap = 0  # calls during the drain take the slow path, which counts everything
         metrics: list[tuple[str, list[Any]]] = []
+        rest: int | None = None
         with self.count_lock:
-            for key, col in list(self._cols.items()):
+            cols = list(self._cols.items())
+            taken = 0
+            for i in range(start, len(cols)):
+                if budget is not None and taken >= budget:
+                    rest = i
+                    break
+                key, col = cols[i]
                 n = len(col)
                 if n:
                     items = col[:n]
                     self._in_drain += n // 3  # counted before the column shrinks
                     del col[:n]
                     metrics.append((key, items))
+                    taken += n
             self._refresh_cap()
         events: list[Event] = []
         pop = self._events.popleft
@@ -516,7 +536,7 @@ class Buffer:
                 events.append(pop())
             except IndexError:
                 break
-        return metrics, events
+        return metrics, events, rest
 
     def notify_drained(self) -> None:
         """Wake callers blocked by ``on_full="block"``."""
