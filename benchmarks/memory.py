@@ -1,10 +1,14 @@
 """Workload 6, memory: bytes per buffered record with the writer stalled, and RSS of a logging process.
 
 Bytes per record: a run whose only sink blocks on its first batch, so everything logged
-after it stays in steplog's buffer; ``tracemalloc`` counts what the buffer grows by while
-N more points are logged (fresh float values and step ints, as a training loop makes
-them), divided by N. For scale, the same figure for a plain queue of ``(ts, value, step)``
-tuples. RSS: each contender logs the same points in a fresh process; the table shows the
+after it stays in steplog's hands; ``tracemalloc`` counts what that grows by while N more
+points are logged (fresh float values and step ints, as a training loop makes them, in ten
+bursts with a pause between, so the writer drains as it does during training), divided by
+N. The steady state of a stall is measured: tracemalloc starts once the stall has lasted
+past the point where steplog compacts a stalled sink's backlog (``max(0.25 s, 4 *
+flush_interval)``), and the last figure is read once the writer has drained and compacted
+what was logged (the traced memory stops shrinking). For scale, the same figure for a plain
+queue of ``(ts, value, step)`` tuples. RSS: each contender logs the same points in a fresh process; the table shows the
 process's peak resident set after start-up (imports and an open run) and after logging
 and closing.
 
@@ -34,6 +38,8 @@ import contenders as cs
 from _common import KEYS
 
 NAME = "memory"
+STALL = 0.5
+"""Seconds the stall lasts before tracemalloc starts: past steplog's compaction threshold (0.25 s)."""
 TITLE = "Memory: bytes per buffered record (writer stalled), and RSS of a logging process"
 
 
@@ -91,12 +97,16 @@ def bytes_per_record(steps: int, keys: list[str]) -> dict[str, float]:
         run.log_metric(keys[0], 0.0, 1)  # a boundary wakes the writer, which takes the first batch and stalls
         if not sink.entered.wait(10):
             raise RuntimeError("the writer never reached the sink")
+        time.sleep(STALL)
         tracemalloc.start()
         before = tracemalloc.get_traced_memory()[0]
-        _log_steps(run.log_metric, keys, steps, 2)
-        after = tracemalloc.get_traced_memory()[0]
+        bursts = 10
+        for i in range(bursts):
+            _log_steps(run.log_metric, keys, steps // bursts, 2 + i * (steps // bursts))
+            time.sleep(0.05)
+        after = _settled_traced_memory()
         tracemalloc.stop()
-        out["steplog"] = (after - before) / (steps * len(keys))
+        out["steplog"] = (after - before) / (bursts * (steps // bursts) * len(keys))
         out["steplog_queued"] = run.stats().queued
     finally:
         sink.gate.set()
@@ -110,6 +120,19 @@ def bytes_per_record(steps: int, keys: list[str]) -> dict[str, float]:
     tracemalloc.stop()
     out["tuple queue"] = (after - before) / (steps * len(keys))
     return out
+
+
+def _settled_traced_memory(timeout: float = 5.0) -> int:
+    """tracemalloc's current figure once it stops shrinking (the writer has drained and compacted)."""
+    deadline = time.monotonic() + timeout
+    last = tracemalloc.get_traced_memory()[0]
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = tracemalloc.get_traced_memory()[0]
+        if now >= last * 0.99:
+            return now
+        last = now
+    return last
 
 
 def _child(name: str, root: Path, points: int) -> None:

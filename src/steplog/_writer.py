@@ -21,6 +21,14 @@ The contract between the buffer, the writer and the sinks (the one place it is w
   :meth:`Writer.raise_if_unwritten`.
 * **Memory bound**: a slice counts in ``queued`` (and so against ``max_buffer``) until every
   sink has acknowledged it or refused it for good: the slowest sink's backlog is what counts.
+* **Compacted backlog**: while every sink that still holds a slice is stalled (one write in
+  progress for longer than ``max(0.25 s, 4 * flush_interval)``) or failing (in backoff after
+  a transient error), the writer's loop packs that slice's metrics into ``marshal`` blobs
+  (about 19 bytes a point instead of about 50); ``metrics`` (the list every sink's Batch
+  shares) is empty meanwhile. A slice at the head of some sink's queue is never packed,
+  and every path that hands a slice to a sink restores it first (:meth:`Writer._restore`),
+  in place and under ``Writer._pack_lock``; once the loop cannot run any more (close's
+  last writes, the emergency path) nothing is packed again. Counts never change.
 
 The writer is one anyio task plus one task per sink. The main task sleeps until a step
 boundary wakes it (at most one wake-up per sleep) or ``flush_interval`` passes, keeps at
@@ -42,6 +50,7 @@ import dataclasses
 import errno
 import inspect
 import logging
+import marshal
 import math
 import os
 import sys
@@ -70,6 +79,12 @@ log = logging.getLogger("steplog")
 _MAX_BACKOFF = 5.0
 SINK_TIMEOUT = 60.0
 """Seconds a barrier waits for a sink stuck in one write before it reports that sink (default)."""
+
+_STALL_MIN = 0.25
+"""A sink whose write has lasted ``max(_STALL_MIN, 4 * flush_interval)`` seconds is stalled: its backlog is packed."""
+_PACK_ITEMS = 3 * 4096
+"""Items (3 a point) per marshal call when a backlog is packed: about 0.25 ms each, so the training
+thread gets the interpreter lock back between two calls."""
 
 # OS errors that writing the same thing again cannot fix: the name or the layout is refused.
 _PERMANENT_ERRNOS = frozenset(
@@ -109,6 +124,12 @@ class _Work:
     """Sinks that have not finished it yet."""
     lost: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     """Entries some sink refused for good."""
+    packed: list[bytes] | None = None
+    """While compacted: ``metrics`` as marshal blobs, in order (``metrics`` is empty meanwhile)."""
+    packed_keys: dict[str, int] | None = None
+    """While compacted: points per metric key."""
+    unpackable: bool = False
+    """A value marshal cannot store exactly (a float subclass from a value hook): kept as it is."""
 
 
 class _Lane:
@@ -261,6 +282,10 @@ class Writer:
         self._interval = flush_interval
         self._sink_timeout = SINK_TIMEOUT if sink_timeout is None else sink_timeout
         self._works: deque[_Work] = deque()  # slices some sink has not finished, oldest first
+        self._pack_lock = threading.Lock()  # packing and restoring a slice (close's threads restore too)
+        self._packing = True  # False once slices are written outside the loop (close, emergency)
+        self.packs = 0
+        """Slices packed so far (a stalled or failing sink's backlog, see the module docstring)."""
         self._seq = 0
         self._pending_points = 0
         self._barriers: list[anyio.Event] = []
@@ -384,6 +409,7 @@ class Writer:
             with _eager_switching():
                 if await self._take(force=force):
                     last_drain = time.monotonic()
+            await self._compact_backlog()
             if barriers or (self._stopping and not forced_on_stop):
                 forced_on_stop = self._stopping
                 for lane in self._lanes:  # a barrier or close retries now, not after the backoff
@@ -483,6 +509,88 @@ class Writer:
             waiting=len(batches),
         )
 
+    # ------------------------------------------------------------------ a stalled sink's backlog
+
+    def _stalled(self, now: float) -> list[bool]:
+        """Per sink: is it stalled (one write lasting too long) or failing (in backoff)?"""
+        limit = max(_STALL_MIN, 4 * self._interval)
+        return [
+            lane.backoff > 0 or (lane.busy_since is not None and now - lane.busy_since > limit) for lane in self._lanes
+        ]
+
+    def _may_pack(self, work: _Work, stalled: list[bool]) -> bool:
+        """True if no sink writes ``work`` soon: every sink that holds it is stalled and has an older slice first."""
+        if work.packed is not None or work.unpackable or not work.metrics or not self._packing:
+            return False
+        held = False
+        for lane in self._lanes:
+            if lane.queue and lane.queue[0] is work:
+                return False  # being written, or next
+            if work.batches[lane.index] is not None:
+                if not stalled[lane.index]:
+                    return False  # a healthy sink writes it soon
+                held = True
+        return held
+
+    async def _compact_backlog(self) -> None:
+        """Pack the slices that only stalled or failing sinks still hold (see the module docstring).
+
+        Runs in the writer's loop; each marshal call covers at most ``_PACK_ITEMS`` items and the
+        loop gets a checkpoint between two, so neither the training thread nor an async host waits
+        long. A slice is committed only if it is still packable after the last checkpoint.
+        """
+        stalled = self._stalled(time.monotonic())
+        if not any(stalled):
+            return
+        for work in list(self._works):
+            if not self._may_pack(work, stalled):
+                continue
+            blobs: list[bytes] = []
+            try:
+                for group in _pack_groups(work.metrics):
+                    blobs.append(marshal.dumps(group))
+                    await anyio.lowlevel.checkpoint()
+            except ValueError:  # not a plain float or int (marshal refuses subclasses): keep it as it is
+                work.unpackable = True
+                continue
+            if not self._may_pack(work, stalled):
+                continue  # a sink reached it meanwhile
+            counts = {key: len(items) // 3 for key, items in work.metrics}
+            if len(counts) < len(work.metrics):  # a key twice in one slice (not made by drain)
+                counts = {key: _points_of(work, key) for key in counts}
+            with self._pack_lock:
+                if not self._packing:
+                    return
+                work.packed = blobs
+                work.packed_keys = counts
+                work.metrics.clear()  # the list every sink's Batch shares: restored in place
+                self.packs += 1
+
+    def _restore(self, work: _Work) -> None:
+        """Unpack a packed slice's metrics into its shared list, before a sink reads them (any thread)."""
+        if work.packed is None:
+            return
+        with self._pack_lock:
+            blobs = work.packed
+            if blobs is None:
+                return  # another sink's thread restored it
+            by_key: dict[str, list[Any]] = {}
+            for blob in blobs:  # one marshal call per blob, each at most _PACK_ITEMS items
+                for key, items in marshal.loads(blob):
+                    column = by_key.get(key)
+                    if column is None:
+                        by_key[key] = items
+                    else:
+                        column += items
+            work.metrics.extend(by_key.items())
+            work.packed = None
+            work.packed_keys = None
+
+    def _stop_packing(self) -> None:
+        """No slice is packed from now on: the queues are written outside the loop."""
+        with self._pack_lock:
+            self._packing = False
+
     # ------------------------------------------------------------------ one sink's task
 
     async def _lane_loop(self, lane: _Lane) -> None:
@@ -510,6 +618,7 @@ class Writer:
         work = lane.queue[0]
         batch = work.batches[lane.index]
         assert batch is not None
+        self._restore(work)  # the head of a queue is never packed again
         lane.busy_since = time.monotonic()
         try:
             with _eager_switching():  # the write's system calls hand the interpreter lock back and forth
@@ -676,6 +785,7 @@ class Writer:
         """
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()  # stop retrying: close gave up waiting
+        self._stop_packing()  # the lanes' queues are written from threads now
         first: list[BaseException] = []
 
         async def close_one(lane: _Lane) -> None:
@@ -715,6 +825,7 @@ class Writer:
             log.error("steplog: giving up after %s s with %s not written", timeout, self.unwritten_summary())
 
     def _emergency_flush(self, status: RunStatus | None, end_time: int) -> None:
+        self._stop_packing()
         metrics, events = self._buffer.drain()
         deferred = self.deferred
         if deferred is not None and deferred.keys:
@@ -737,6 +848,7 @@ class Writer:
             if batch is None:
                 self._settle(lane, work)
                 continue
+            self._restore(work)
             try:
                 lane.write_sync(batch)
             except Exception as exc:  # best effort: report, keep the rest for this sink
@@ -760,9 +872,14 @@ class Writer:
             batch = next((b for b in work.batches if b is not None), None)
             if batch is None:
                 continue
-            rest = batch.remaining()
-            for key, items in rest.metrics:
-                per_key[key] = per_key.get(key, 0) + len(items) // 3
+            with self._pack_lock:
+                rest = batch.remaining()
+                packed_keys = work.packed_keys
+                if packed_keys is not None:  # a packed slice: no sink has started it
+                    for key, n in packed_keys.items():
+                        per_key[key] = per_key.get(key, 0) + n
+                for key, items in rest.metrics:
+                    per_key[key] = per_key.get(key, 0) + len(items) // 3
             params += len(rest.params)
         for key, n in self._buffer.queued_by_key().items():
             per_key[key] = per_key.get(key, 0) + n
@@ -818,4 +935,24 @@ class Writer:
 
 def _points_of(work: _Work, key: str) -> int:
     """Metric points of ``key`` in a slice."""
+    if work.packed_keys is not None:
+        return work.packed_keys.get(key, 0)
     return sum(len(items) for k, items in work.metrics if k == key) // 3
+
+
+def _pack_groups(metrics: list[tuple[str, list[Any]]]) -> Iterator[list[tuple[str, list[Any]]]]:
+    """``metrics`` cut into groups of at most ``_PACK_ITEMS`` items (a long key spans several groups)."""
+    group: list[tuple[str, list[Any]]] = []
+    room = _PACK_ITEMS
+    for key, items in metrics:
+        start = 0
+        while start < len(items):
+            part = items if start == 0 and len(items) <= room else items[start : start + room]
+            start += len(part)
+            group.append((key, part))
+            room -= len(part)
+            if room == 0:
+                yield group
+                group, room = [], _PACK_ITEMS
+    if group:
+        yield group
