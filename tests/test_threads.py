@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from typing import SupportsIndex
 
 import anyio
 import pytest
 
-from steplog._threads import in_daemon_thread
+from steplog._threads import dispose_in_daemon_thread, in_daemon_thread
 
 pytestmark = pytest.mark.anyio
 
@@ -49,3 +50,42 @@ async def test_an_exception_reaches_the_awaiting_task() -> None:
     with pytest.raises(OSError, match="injected"):
         await in_daemon_thread(fail)
     assert await in_daemon_thread(lambda: "after") == "after"  # the thread is back in the pool
+
+
+class _CountingList(list[float]):
+    """A list that counts slice deletions (how dispose_in_daemon_thread empties it)."""
+
+    def __init__(self, items: list[float], deletions: list[object]) -> None:
+        super().__init__(items)
+        self.deletions = deletions
+
+    def __delitem__(self, index: SupportsIndex | slice) -> None:
+        self.deletions.append(index)
+        super().__delitem__(index)
+
+
+def _wait_for_idle_pool() -> None:
+    """Wait until the disposal (a job on the pool) has run: a follow-up call on the pool returns."""
+    done = threading.Event()
+    from steplog._threads import _submit
+
+    _submit((done.set, lambda _outcome: None))
+    assert done.wait(10)
+
+
+def test_written_records_are_freed_off_the_loop_in_parts() -> None:
+    """A list nobody else holds is emptied on a pool thread, a part at a time (never one long C call)."""
+    deletions: list[object] = []
+    dispose_in_daemon_thread([_CountingList([1.0] * 10_000, deletions)])
+    _wait_for_idle_pool()
+    assert len(deletions) >= 2
+
+
+def test_records_a_sink_still_holds_are_left_as_they_are() -> None:
+    """A list someone else still references (a sink that kept its batch) is only dropped, never emptied."""
+    deletions: list[object] = []
+    kept = _CountingList([2.0] * 10, deletions)
+    dispose_in_daemon_thread([kept])
+    _wait_for_idle_pool()
+    assert kept == [2.0] * 10
+    assert deletions == []

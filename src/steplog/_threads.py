@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -27,7 +28,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-__all__ = ["in_daemon_thread"]
+__all__ = ["dispose_in_daemon_thread", "in_daemon_thread"]
 
 T = TypeVar("T")
 
@@ -127,3 +128,33 @@ async def in_daemon_thread(fn: Callable[[], T]) -> T:
         result: T = value
         return result
     raise value
+
+
+_DISPOSE_PART = 4096
+"""Items freed per C call when disposing: a thread switch can fall between two parts."""
+
+
+def _ignore(_outcome: Outcome) -> None:
+    return None
+
+
+def dispose_in_daemon_thread(columns: list[list[Any]]) -> None:
+    """Drop written records on a sink-call thread, emptying big lists a part at a time.
+
+    ``columns`` is a list of the caller's own making, which it no longer uses. Dropping the last
+    reference to a list of 300,000 items frees them in one C call that holds the interpreter lock
+    throughout: in an event loop, a 0.3 ms stall. Here a list is emptied in parts, and only when
+    nothing else holds it (a sink may keep what it was given: then it is just dropped, and lives
+    on as long as the sink keeps it). Nothing waits for this.
+    """
+    refcount = getattr(sys, "getrefcount", None)
+
+    def free() -> None:
+        while columns:
+            items = columns.pop()
+            if refcount is not None and refcount(items) == 2:  # this name and refcount's argument: ours alone
+                while items:
+                    del items[-_DISPOSE_PART:]
+            del items
+
+    _submit((free, _ignore))

@@ -65,7 +65,7 @@ import anyio.lowlevel
 
 from ._errors import FlushTimeoutError, InvalidValueError, WriteError
 from ._records import ArtifactRecord, RunInfo, RunStatus, Stats
-from ._threads import in_daemon_thread
+from ._threads import dispose_in_daemon_thread, in_daemon_thread
 from .typing import Batch, PermanentWriteError, RunRequest, Sink, SyncSink
 
 if TYPE_CHECKING:
@@ -206,6 +206,8 @@ async def _call(method: Callable[..., Any], *args: Any) -> Any:
 
 
 _SWITCH_INTERVAL = 0.0002
+_DISPOSE_AWAY = 16_384
+"""Points of a written slice from which its records are freed on a sink-call thread, not in the loop."""
 _DRAIN_PART = 3 * 16_384
 """Items per part of a drain (~0.1 ms of interpreter time): the caller's event loop runs between parts."""
 _switching_lock = threading.Lock()
@@ -235,8 +237,9 @@ def _eager_switching() -> Iterator[None]:
     a cycle took over 100 ms and the flush deadline slipped. While any run writes, the
     interval is at most 0.2 ms; the number of switches stays the same (one per system call),
     only the waits get shorter, and an event loop waiting for the lock while a sink's thread
-    encodes gets it back sooner (0.5 ms gave an asyncio lag p99 above 1 ms). The user's own setting is restored after the last writer's
-    cycle, unless the user changed it meanwhile. (A process-wide setting: see the README.)
+    encodes gets it back sooner (0.5 ms gave an asyncio lag p99 above 1 ms). The user's own
+    setting is restored after the last writer's cycle, unless the user changed it meanwhile.
+    (A process-wide setting: see the README.)
     """
     global _switching_users, _switching_saved
     with _switching_lock:
@@ -685,6 +688,12 @@ class Writer:
         self._last_latency = latency
         self._max_latency = max(self._max_latency, latency)
         self._buffer.notify_drained()
+        if work.points >= _DISPOSE_AWAY:
+            # freeing a big slice's records is one long C call (~0.3 ms per 100,000 points): done on
+            # a sink-call thread, in parts, so it never stalls an event loop the writer runs in
+            columns = [items for _key, items in work.metrics]
+            work.metrics = []
+            dispose_in_daemon_thread(columns)
 
     def _signal_progress(self) -> None:
         progress = self._progress
