@@ -64,10 +64,10 @@ class _Worker(threading.Thread):
             except BaseException as exc:  # handed to the awaiting task, raised there
                 outcome = (False, exc)
             del fn
+            with _pool_lock:  # back in the pool before the caller hears of it: its next call reuses this thread
+                _idle.append(self)
             finish(outcome)
             del finish, outcome
-            with _pool_lock:
-                _idle.append(self)
 
 
 def _submit(job: Job) -> None:
