@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -375,3 +375,56 @@ def test_drain_parts_take_every_key_once_and_count_what_they_took() -> None:
     assert buffer.queued() == 12
     buffer.set_pending(12)  # the writer counts them now (its own source reports 0 here)
     assert buffer.queued() == 0
+
+
+# --------------------------------------------------------------------------- the switch interval
+
+
+@pytest.fixture
+def user_interval() -> Iterator[float]:
+    """The interpreter's switch interval set to Python's default for the test, and put back after."""
+    import sys
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
+    yield 0.005
+    sys.setswitchinterval(before)
+
+
+def test_a_write_cycle_lowers_the_switch_interval_and_puts_the_users_back(user_interval: float) -> None:
+    """0.5 ms for a writer on its own thread while it writes; the user's value after the last cycle."""
+    import sys
+
+    from steplog._writer import _eager_switching
+
+    with _eager_switching(0.0005):
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        with _eager_switching(0.0002):  # a writer in an event loop asks for less: the smallest holds
+            assert sys.getswitchinterval() == pytest.approx(0.0002)
+        assert sys.getswitchinterval() == pytest.approx(0.0002)
+    assert sys.getswitchinterval() == pytest.approx(user_interval)
+
+
+def test_a_users_own_switch_interval_is_never_overwritten(user_interval: float) -> None:
+    """A value the user sets during a cycle stays; a user's interval already short is never touched."""
+    import sys
+
+    from steplog._writer import _eager_switching
+
+    with _eager_switching(0.0005):
+        sys.setswitchinterval(0.001)
+    assert sys.getswitchinterval() == pytest.approx(0.001)
+    sys.setswitchinterval(0.0001)
+    with _eager_switching(0.0005):
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    assert sys.getswitchinterval() == pytest.approx(0.0001)
+    assert user_interval == 0.005
+
+
+async def test_a_writer_in_the_callers_loop_asks_for_the_shorter_interval() -> None:
+    """The writer of an async run (the buffer knows its loop thread) asks for 0.2 ms; a thread-hosted one for 0.5 ms."""
+    async with running([MemorySink()]) as (buffer, writer):
+        assert buffer.loop_thread is not None
+        assert writer._switch_interval() == pytest.approx(0.0002)
+        buffer.loop_thread = None
+        assert writer._switch_interval() == pytest.approx(0.0005)

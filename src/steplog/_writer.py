@@ -205,7 +205,10 @@ async def _call(method: Callable[..., Any], *args: Any) -> Any:
     return await in_daemon_thread(lambda: method(*args))
 
 
-_SWITCH_INTERVAL = 0.0002
+_SWITCH_INTERVAL = 0.0005
+"""Switch interval while a writer on its own thread (sync code) writes."""
+_LOOP_SWITCH_INTERVAL = 0.0002
+"""Switch interval while a writer in the caller's event loop writes: the loop gets the lock back sooner."""
 _DISPOSE_AWAY = 16_384
 """Points of a written slice from which its records are freed on a sink-call thread, not in the loop."""
 _DRAIN_PART = 3 * 16_384
@@ -213,15 +216,18 @@ _DRAIN_PART = 3 * 16_384
 _switching_lock = threading.Lock()
 _switching_users = 0
 _switching_saved = 0.0
+_switching_set = 0.0
+"""The interval steplog set last while writers are in a cycle (0.0 when it set none)."""
 
 
 def _reset_switching_after_fork() -> None:
     """In a forked child no writer runs: a lock held by the parent's writer thread would never be released."""
-    global _switching_lock, _switching_users
-    if _switching_users and _switching_saved > _SWITCH_INTERVAL:
+    global _switching_lock, _switching_users, _switching_set
+    if _switching_users and _switching_set and abs(sys.getswitchinterval() - _switching_set) < 1e-9:
         sys.setswitchinterval(_switching_saved)  # the parent's writer shortened it; the child has none
     _switching_lock = threading.Lock()
     _switching_users = 0
+    _switching_set = 0.0
 
 
 if hasattr(os, "register_at_fork"):
@@ -229,34 +235,42 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextlib.contextmanager
-def _eager_switching() -> Iterator[None]:
-    """Shorten the interpreter's thread switch interval while a write cycle runs.
+def _eager_switching(interval: float = _SWITCH_INTERVAL) -> Iterator[None]:
+    """Shorten the interpreter's thread switch interval to ``interval`` while a write cycle runs.
 
     Each ``os.write`` lets the training loop take the interpreter lock back, and the writer
     then waits a whole switch interval (5 ms by default) for it again: with 20 metric files
-    a cycle took over 100 ms and the flush deadline slipped. While any run writes, the
-    interval is at most 0.2 ms; the number of switches stays the same (one per system call),
-    only the waits get shorter, and an event loop waiting for the lock while a sink's thread
-    encodes gets it back sooner (0.5 ms gave an asyncio lag p99 above 1 ms). The user's own
-    setting is restored after the last writer's cycle, unless the user changed it meanwhile.
-    (A process-wide setting: see the README.)
+    a cycle took over 100 ms and the flush deadline slipped. While a writer on its own thread
+    writes, the interval is at most 0.5 ms; the number of switches stays the same (one per
+    system call), only the waits get shorter. A writer in the caller's event loop asks for
+    0.2 ms, so that the loop, waiting for the lock while a sink's thread encodes, gets it back
+    sooner (0.5 ms gave an asyncio lag p99 of 0.66 ms, 0.2 ms 0.58 ms); for a writer on its own
+    thread 0.2 ms cost more switches than it saved (sustained hot path 3.28x a no-op call
+    against 2.93x; ``benchmarks/switch_interval.py``). With several writers, the smallest
+    interval asked for holds until the last cycle ends. The user's own setting is then
+    restored, unless the user changed it meanwhile. (A process-wide setting: see the README.)
     """
-    global _switching_users, _switching_saved
+    global _switching_users, _switching_saved, _switching_set
     with _switching_lock:
+        current = sys.getswitchinterval()
         if _switching_users == 0:
-            _switching_saved = sys.getswitchinterval()
-            if _switching_saved > _SWITCH_INTERVAL:
-                sys.setswitchinterval(_SWITCH_INTERVAL)
+            _switching_saved = current
+            _switching_set = 0.0
+        ours = _switching_users == 0 or (_switching_set > 0 and abs(current - _switching_set) < 1e-9)
+        if ours and current > interval:
+            sys.setswitchinterval(interval)
+            _switching_set = sys.getswitchinterval()
         _switching_users += 1
     try:
         yield
     finally:
         with _switching_lock:
             _switching_users -= 1
-            # restored unless the user changed it meanwhile
-            restore = _switching_saved > _SWITCH_INTERVAL and abs(sys.getswitchinterval() - _SWITCH_INTERVAL) < 1e-9
-            if _switching_users == 0 and restore:
-                sys.setswitchinterval(_switching_saved)
+            if _switching_users == 0:
+                # restored unless the user changed it meanwhile
+                if _switching_set and abs(sys.getswitchinterval() - _switching_set) < 1e-9:
+                    sys.setswitchinterval(_switching_saved)
+                _switching_set = 0.0
 
 
 class Writer:
@@ -410,7 +424,7 @@ class Writer:
             buffer.tick()
             barriers, self._barriers = self._barriers, []
             force = bool(barriers) or self._stopping
-            with _eager_switching():
+            with _eager_switching(self._switch_interval()):
                 if await self._take(force=force):
                     last_drain = time.monotonic()
             await self._compact_backlog()
@@ -440,6 +454,10 @@ class Writer:
             with anyio.move_on_after(0.05):
                 await self._wake_event.wait()
             self._wake_event = anyio.Event()
+
+    def _switch_interval(self) -> float:
+        """The switch interval this writer asks for while it writes (see :func:`_eager_switching`)."""
+        return _LOOP_SWITCH_INTERVAL if self._buffer.loop_thread is not None else _SWITCH_INTERVAL
 
     def _has_work(self) -> bool:
         b = self._buffer
@@ -625,7 +643,7 @@ class Writer:
         self._restore(work)  # the head of a queue is never packed again
         lane.busy_since = time.monotonic()
         try:
-            with _eager_switching():  # the write's system calls hand the interpreter lock back and forth
+            with _eager_switching(self._switch_interval()):  # a write's system calls pass the lock back and forth
                 await lane.write(batch)
         except Exception as exc:  # a sink's failure is data for the user, not a crash of the run
             lane.busy_since = None
