@@ -276,3 +276,36 @@ async def test_the_emergency_path_writes_a_packed_backlog() -> None:
         _assert_written(sink, expected)
         assert (sink.status, sink.end_time) == (RunStatus.KILLED, 123)
         assert not writer.pending
+
+
+class KeepingSink(MemorySink):
+    """Acknowledges a batch at once and reads it later (a sink handing batches to an uploader of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[Batch] = []
+
+    async def write(self, batch: Batch) -> None:
+        self.kept.append(batch)
+
+    def kept_points(self) -> int:
+        return sum(len(column.steps) for batch in self.kept for column in batch.metric_columns())
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("quick_stall")
+async def test_packing_a_stalled_sinks_backlog_leaves_the_batch_another_sink_kept_intact() -> None:
+    """A sink that kept a Batch it acknowledged still reads every point of it while another sink's backlog is packed."""
+    stalled = GateSink()
+    keeping = KeepingSink()
+    async with running([stalled, keeping]) as (buffer, writer):
+        try:
+            buffer.log_metric("first", 1.0, step=-1)
+            buffer.log_metric("first", 2.0, step=-2)
+            assert await anyio.to_thread.run_sync(stalled.entered.wait, WAIT)
+            for step in range(100):
+                buffer.log_metric("loss", float(step), step=step)
+            await _wait_for(lambda: len(keeping.kept) >= 2 and writer.packs >= 1)
+            assert keeping.kept_points() == 102  # the packed slice's list was once emptied under the sink
+        finally:
+            stalled.gate.set()

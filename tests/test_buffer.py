@@ -435,3 +435,22 @@ def test_close_does_not_sleep_when_no_call_is_in_flight(monkeypatch: pytest.Monk
         monkeypatch.setattr(anyio, "sleep", spy)  # the writer calls anyio.sleep
     assert [d for d in requested if d >= 0.001] == []
     assert points(sink, "a") == [(0, 1.0)]
+
+
+def test_a_log_metrics_call_partly_queued_when_the_run_closes_is_queued_whole() -> None:
+    """All or nothing: once a call's first keys are in, a close beginning meanwhile lets the rest in too.
+
+    The fast path queued "a", then found "b"'s column past its share just as close() sealed the
+    buffer (``_cap`` -1): the rest of the call must be queued (the writer's last drain waits for
+    calls in flight), not refused with RunStateError after "a" went in.
+    """
+    from steplog._buffer import Buffer
+
+    buffer = Buffer()
+    buffer.log_metrics({"a": 0.0, "b": 0.0}, step=0)
+    buffer.seal("the run is closing")
+    buffer._cols["a"] += (1, 1.0, 1)  # what the fast path queued before it met "b"
+    buffer._log_metrics_rest({"a": 1.0, "b": 2.0}, "b", 1, 1)
+    assert buffer._cols["b"][3:] == [1, 2.0, 1]
+    with pytest.raises(RunStateError):  # a new call is refused as before
+        buffer.log_metrics({"a": 3.0, "b": 3.0}, step=2)

@@ -228,3 +228,18 @@ def test_sigterm_during_close_lets_the_close_finish(tmp_path: Path, where: str, 
     assert run.info.end_time is not None
     assert list(range(60)) == loss
     assert list(range(60)) == acc
+
+
+DRAIN_PARTS_CHILD = Path(__file__).parent / "_children" / "sigterm_between_drain_parts.py"
+
+
+@pytest.mark.parametrize("yields", [1, 2, 3, 4, 5])
+def test_sigterm_between_drain_parts_of_an_asyncio_hosted_writer_loses_nothing(tmp_path: Path, yields: int) -> None:
+    """A big backlog drained in parts, SIGTERM while the loop runs between two parts: every point is on disk."""
+    store = tmp_path / "mlruns"
+    proc = subprocess.run(
+        [sys.executable, str(DRAIN_PARTS_CHILD), str(store), str(yields)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    lines = {f.name: len(f.read_text().splitlines()) for f in store.glob("*/*/metrics/k*")}
+    assert lines == {f"k{k}": 20_000 for k in range(4)}

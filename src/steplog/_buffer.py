@@ -356,10 +356,12 @@ class Buffer:
             for i, (col, _value) in enumerate(prepared):
                 if len(col) >= self._cap and queued + i >= self._max_buffer:
                     raise self._full_error()  # before any key is queued
+        queued_some = False
         for col, value in prepared:
-            if len(col) >= self._cap and not self._make_room(col, partial=True):
+            if len(col) >= self._cap and not self._make_room(col, partial=True, queued_some=queued_some):
                 continue
             col += (stamp, value, step)
+            queued_some = True
 
     def _log_metrics_rest(self, metrics: Mapping[str, Any], missed: str, stamp: int, step: int) -> None:
         """The fast path's keys from ``missed`` on, which found their column full.
@@ -379,7 +381,7 @@ class Buffer:
             return self._log_metrics_slow(metrics, step, None)
         for key, value in [(missed, metrics[missed]), *items]:
             col = self._cols[key]
-            if len(col) >= self._cap and not self._make_room(col, partial=True):
+            if len(col) >= self._cap and not self._make_room(col, partial=True, queued_some=True):
                 continue
             col += (stamp, value, step)
         return None
@@ -393,11 +395,15 @@ class Buffer:
             self.asleep = False
             self.wake()
 
-    def _make_room(self, col: list[Any], *, partial: bool = False) -> bool:
+    def _make_room(self, col: list[Any], *, partial: bool = False, queued_some: bool = False) -> bool:
         """Apply ``on_full`` once the buffer holds ``max_buffer`` records; False means drop this record.
 
-        ``partial``: part of this call is queued already, so ``on_full="raise"`` lets it in.
+        ``partial``: part of this call may be queued already, so ``on_full="raise"`` lets it in.
+        ``queued_some``: part of this call is queued: a close that began meanwhile lets the rest
+        in too (all or nothing; the writer's last drain waits for calls in flight).
         """
+        if queued_some and self._closed_reason is not None:
+            return True
         self.check_usable()
         if self.queued() < self._max_buffer:
             # this column grows past its share: shrink the other keys' shares, or the fast path would
@@ -430,6 +436,8 @@ class Buffer:
         self.wake()
         with self._drained:
             while self.queued() >= self._max_buffer:
+                if queued_some and self._closed_reason is not None:
+                    return True
                 self.check_usable()
                 if not self.writer_alive():
                     raise BufferFullError(f"the buffer is full ({self._max_buffer} records) and the writer has stopped")

@@ -464,25 +464,33 @@ class Writer:
         return bool(self._works) or b.queued() > 0 or b.has_events()
 
     async def _take(self, *, force: bool) -> bool:
-        """Drain the buffer into one slice for every sink's queue; True if anything was taken."""
-        metrics, events, rest = self._buffer.drain_part(0, _DRAIN_PART)
-        while rest is not None:
-            # let the event loop run between parts (shielded: drained records must reach a slice)
-            await anyio.lowlevel.cancel_shielded_checkpoint()
-            more, more_events, rest = self._buffer.drain_part(rest, _DRAIN_PART)
-            metrics += more
-            events += more_events
-        deferred = self.deferred
-        if deferred is not None and deferred.keys:  # device values become floats before sinks see them
-            metrics = await deferred.resolve(
-                metrics, wait=force, on_hold=lambda: self._buffer.set_pending(self._pending_count())
-            )
-        work = self._enqueue(metrics, events)
-        if work is not None:
-            for lane in self._lanes:
-                lane.poke()
+        """Drain the buffer into slices for every sink's queue; True if anything was taken.
+
+        A big backlog is drained in parts (``_DRAIN_PART`` items), each handed to the sinks'
+        queues as its own slice before the event loop runs again: what a part took is never
+        only in this frame while other code runs, so a signal's emergency flush, which writes
+        the queues and the buffer, sees every record. A key comes once per part, so each key's
+        points stay in order across the slices.
+        """
+        taken = False
+        start: int | None = 0
+        while start is not None:
+            if start:
+                # let the event loop run between parts (shielded: nothing drained is in flight here)
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+            metrics, events, start = self._buffer.drain_part(start, _DRAIN_PART)
+            deferred = self.deferred
+            if deferred is not None and deferred.keys:  # device values become floats before sinks see them
+                metrics = await deferred.resolve(
+                    metrics, wait=force, on_hold=lambda: self._buffer.set_pending(self._pending_count())
+                )
+            work = self._enqueue(metrics, events)
+            if work is not None:
+                taken = True
+                for lane in self._lanes:
+                    lane.poke()
         self._buffer.notify_drained()
-        return work is not None
+        return taken
 
     def _enqueue(self, metrics: list[tuple[str, list[Any]]], events: list[Event]) -> _Work | None:
         """Hand drained records to every sink's queue (the one path, async or emergency)."""
@@ -585,7 +593,13 @@ class Writer:
                     return
                 work.packed = blobs
                 work.packed_keys = counts
-                work.metrics.clear()  # the list every sink's Batch shares: restored in place
+                # a fresh list for the sinks still to write it (restored into it in place); the old
+                # one is left as it is: a sink that already wrote this slice may have kept its Batch
+                fresh: list[tuple[str, list[Any]]] = []
+                work.metrics = fresh
+                for batch in work.batches:
+                    if batch is not None:
+                        batch.metrics = fresh
                 self.packs += 1
 
     def _restore(self, work: _Work) -> None:
