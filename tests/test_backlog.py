@@ -192,8 +192,10 @@ class SlowSyncSink(MemorySink):
 
 
 @pytest.mark.anyio
-async def test_a_healthy_writer_never_packs() -> None:
+async def test_a_healthy_writer_never_packs(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sink that keeps up, even with slices queued behind the one it writes, never gets its backlog packed."""
+    # its writes take up to 0.1 s: a stall threshold well above that, so a loaded machine cannot tip it over
+    monkeypatch.setattr("steplog._writer._STALL_MIN", 2.0)
     sink = SlowSyncSink()
     async with running([sink], flush_interval=0.001) as (buffer, writer):
         sink.writer = writer

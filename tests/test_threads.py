@@ -64,20 +64,12 @@ class _CountingList(list[float]):
         super().__delitem__(index)
 
 
-def _wait_for_idle_pool() -> None:
-    """Wait until the disposal (a job on the pool) has run: a follow-up call on the pool returns."""
-    done = threading.Event()
-    from steplog._threads import _submit
-
-    _submit((done.set, lambda _outcome: None))
-    assert done.wait(10)
-
-
 def test_written_records_are_freed_off_the_loop_in_parts() -> None:
     """A list nobody else holds is emptied on a pool thread, a part at a time (never one long C call)."""
     deletions: list[object] = []
-    dispose_in_daemon_thread([_CountingList([1.0] * 10_000, deletions)])
-    _wait_for_idle_pool()
+    done = threading.Event()
+    dispose_in_daemon_thread([_CountingList([1.0] * 10_000, deletions)], then=done.set)
+    assert done.wait(10)
     assert len(deletions) >= 2
 
 
@@ -85,7 +77,8 @@ def test_records_a_sink_still_holds_are_left_as_they_are() -> None:
     """A list someone else still references (a sink that kept its batch) is only dropped, never emptied."""
     deletions: list[object] = []
     kept = _CountingList([2.0] * 10, deletions)
-    dispose_in_daemon_thread([kept])
-    _wait_for_idle_pool()
+    done = threading.Event()
+    dispose_in_daemon_thread([kept], then=done.set)
+    assert done.wait(10)
     assert kept == [2.0] * 10
     assert deletions == []
