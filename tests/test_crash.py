@@ -145,6 +145,7 @@ def test_sigkill_leaves_clean_prefixes_with_every_acknowledged_point(
             for f in fsck_store(store)
             if not (f.problem.startswith("stray steplog temp file") and (f.path.parent / "meta.yaml").exists())
             and "its writer is dead" not in f.problem
+            and not f.problem.startswith("empty run folder without meta.yaml")  # killed between mkdir and meta
         ]
         assert [] == problems
     # the kills hit running runs, not only start-ups

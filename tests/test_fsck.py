@@ -202,3 +202,30 @@ def test_an_unrepairable_status_says_what_to_do(store: Path, status: str, capsys
     assert f"problem  {meta}: run status " in line
     assert f"edit {meta} and set `status:` to 1 (RUNNING), 2 (SCHEDULED), 3 (FINISHED), 4 (FAILED), 5 (KILLED)" in line
     assert "then run fsck again" in line
+
+
+def test_an_empty_run_folder_left_by_a_killed_start_is_found_and_removed(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A start killed between the run folder's mkdir and its meta.yaml leaves empty folders: named, and removed.
+
+    A run folder without meta.yaml that holds data is still the serious finding, never removed.
+    """
+    _client, experiment_id, _run_id = mlflow_store(store)
+    empty = store / experiment_id / "0123456789abcdef0123456789abcdef"
+    for name in ("metrics", "params", "tags", "artifacts"):
+        (empty / name).mkdir(parents=True)
+    broken = store / experiment_id / "fedcba9876543210fedcba9876543210"
+    (broken / "metrics").mkdir(parents=True)
+    (broken / "metrics" / "loss").write_text("1 0.5 0\n")
+
+    status, out = fsck(capsys, str(store))
+    text = "\n".join(out)
+    assert 1 == status
+    assert f"problem  {empty}: empty run folder without meta.yaml, left by a run start that was killed" in text
+    assert f"problem  {broken / 'meta.yaml'}: run meta.yaml is missing" in text
+
+    status, out = fsck(capsys, "--repair", str(store))
+    assert not empty.exists()
+    assert (broken / "metrics" / "loss").read_text() == "1 0.5 0\n"
+    assert out[-1].startswith(f"{store}: 2 problems, 1 repaired, 1 remaining")

@@ -116,6 +116,8 @@ def _check_run(run_dir: Path, artifact_location: str, *, repair: bool, now: floa
     meta_path = run_dir / META
     if not meta_path.exists() and not any((run_dir / name).is_dir() for name in ("metrics", "params", "tags")):
         return []  # not a run folder
+    if not meta_path.exists() and _holds_nothing(run_dir):
+        return [_empty_run_folder(run_dir, repair=repair)]
     findings += _check_run_meta(run_dir, artifact_location, repair=repair)
     findings += _dead_writer(run_dir, repair=repair)
     findings += _leftovers(run_dir, repair=repair, now=now)
@@ -126,6 +128,29 @@ def _check_run(run_dir: Path, artifact_location: str, *, repair: bool, now: floa
                 continue  # reported with the stray temp files
             findings += _check_metric_file(path, run_dir, repair=repair)
     return findings
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """True if ``folder`` holds only empty folders: no file and no symlink anywhere below it."""
+    for _dirpath, dirnames, filenames in os.walk(folder):
+        if filenames or any(os.path.islink(os.path.join(_dirpath, name)) for name in dirnames):
+            return False
+    return True
+
+
+def _empty_run_folder(run_dir: Path, *, repair: bool) -> Finding:
+    """A run folder a start killed before its meta.yaml left: empty folders only, which MLflow skips."""
+    repaired = None
+    if repair:
+        for dirpath, _dirnames, _filenames in sorted(os.walk(run_dir), key=lambda walked: -len(walked[0])):
+            os.rmdir(dirpath)  # empty by the check above; rmdir refuses anything else
+        repaired = "removed"
+    return Finding(
+        run_dir,
+        "empty run folder without meta.yaml, left by a run start that was killed before it wrote its meta.yaml "
+        "(MLflow skips it; nothing was logged to it); --repair removes it",
+        repaired,
+    )
 
 
 def _check_run_meta(run_dir: Path, artifact_location: str, *, repair: bool) -> list[Finding]:
