@@ -300,6 +300,9 @@ class Writer:
         self._interval = flush_interval
         self._sink_timeout = SINK_TIMEOUT if sink_timeout is None else sink_timeout
         self._works: deque[_Work] = deque()  # slices some sink has not finished, oldest first
+        self._draining: list[tuple[str, list[Any]]] = []
+        """Parts of a drain in progress, not in a slice yet: the emergency path takes them too."""
+        self._draining_events: list[Event] = []
         self._pack_lock = threading.Lock()  # packing and restoring a slice (close's threads restore too)
         self._packing = True  # False once slices are written outside the loop (close, emergency)
         self.packs = 0
@@ -464,33 +467,34 @@ class Writer:
         return bool(self._works) or b.queued() > 0 or b.has_events()
 
     async def _take(self, *, force: bool) -> bool:
-        """Drain the buffer into slices for every sink's queue; True if anything was taken.
+        """Drain the buffer into one slice for every sink's queue; True if anything was taken.
 
-        A big backlog is drained in parts (``_DRAIN_PART`` items), each handed to the sinks'
-        queues as its own slice before the event loop runs again: what a part took is never
-        only in this frame while other code runs, so a signal's emergency flush, which writes
-        the queues and the buffer, sees every record. A key comes once per part, so each key's
-        points stay in order across the slices.
+        A big backlog is drained in parts (``_DRAIN_PART`` items) with the event loop running in
+        between; the parts wait in ``_draining``, where a signal's emergency flush, which writes
+        the queues and the buffer, takes them too. Keys come in first-logged order, each once.
         """
-        taken = False
         start: int | None = 0
         while start is not None:
             if start:
-                # let the event loop run between parts (shielded: nothing drained is in flight here)
+                # let the event loop run between parts (shielded: the parts must reach a slice)
                 await anyio.lowlevel.cancel_shielded_checkpoint()
             metrics, events, start = self._buffer.drain_part(start, _DRAIN_PART)
-            deferred = self.deferred
-            if deferred is not None and deferred.keys:  # device values become floats before sinks see them
-                metrics = await deferred.resolve(
-                    metrics, wait=force, on_hold=lambda: self._buffer.set_pending(self._pending_count())
-                )
-            work = self._enqueue(metrics, events)
-            if work is not None:
-                taken = True
-                for lane in self._lanes:
-                    lane.poke()
+            self._draining += metrics
+            self._draining_events += events
+        metrics = self._draining
+        deferred = self.deferred
+        if deferred is not None and deferred.keys:  # device values become floats before sinks see them
+            metrics = await deferred.resolve(
+                metrics, wait=force, on_hold=lambda: self._buffer.set_pending(self._pending_count())
+            )
+        events = self._draining_events
+        self._draining, self._draining_events = [], []
+        work = self._enqueue(metrics, events)
+        if work is not None:
+            for lane in self._lanes:
+                lane.poke()
         self._buffer.notify_drained()
-        return taken
+        return work is not None
 
     def _enqueue(self, metrics: list[tuple[str, list[Any]]], events: list[Event]) -> _Work | None:
         """Hand drained records to every sink's queue (the one path, async or emergency)."""
@@ -868,7 +872,19 @@ class Writer:
 
     def _emergency_flush(self, status: RunStatus | None, end_time: int) -> None:
         self._stop_packing()
+        held, held_events = self._draining, self._draining_events  # a drain the signal interrupted
+        self._draining, self._draining_events = [], []
         metrics, events = self._buffer.drain()
+        if held:
+            merged: dict[str, list[Any]] = {}
+            for key, items in (*held, *metrics):  # older first; one entry per key, as a sink expects
+                column = merged.get(key)
+                if column is None:
+                    merged[key] = items
+                else:
+                    merged[key] = column + items
+            metrics = list(merged.items())
+        events = held_events + events
         deferred = self.deferred
         if deferred is not None and deferred.keys:
             metrics = deferred.resolve_blocking(metrics)
