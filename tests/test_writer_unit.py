@@ -428,3 +428,21 @@ async def test_a_writer_in_the_callers_loop_asks_for_the_shorter_interval() -> N
         assert writer._switch_interval() == pytest.approx(0.0002)
         buffer.loop_thread = None
         assert writer._switch_interval() == pytest.approx(0.0005)
+
+
+async def test_the_emergency_path_writes_a_drain_in_progress_before_newer_points_of_the_same_key() -> None:
+    """Parts of a drain the signal interrupted come first, merged with the key's newer points: each once, in order."""
+    sink = MemorySink()
+    async with running([sink]) as (buffer, writer):
+        buffer.log_metric("a", 0.0, step=0)
+        buffer.log_metric("a", 1.0, step=1)
+        metrics, events, rest = buffer.drain_part(0, None)  # what a drain in progress holds
+        assert rest is None
+        writer._draining += metrics
+        writer._draining_events += events
+        buffer.log_metric("a", 2.0, step=2)  # logged after that part was taken
+        buffer.log_metric("b", 3.0, step=2)
+        writer.emergency_flush(None, 0)  # in the loop's own thread, as a signal handler runs: no task runs meanwhile
+        assert sink.steps("a") == [0, 1, 2]
+        assert sink.values("a") == [0.0, 1.0, 2.0]
+        assert sink.values("b") == [3.0]
