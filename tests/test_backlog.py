@@ -180,11 +180,13 @@ class SlowSyncSink(MemorySink):
         super().__init__()
         self.writer: Writer | None = None
         self.backlog_seen = 0
+        self.entered = threading.Event()
 
     def write(self, batch: Batch) -> None:  # type: ignore[override]  # a plain write: the writer runs it on a thread
         assert self.writer is not None
-        if not self.backlog_seen:  # well within the stall threshold (0.25 s): a healthy, slowish sink
-            deadline = time.monotonic() + 0.1
+        if not self.entered.is_set():  # well within the stall threshold the test sets: a healthy, slowish sink
+            self.entered.set()
+            deadline = time.monotonic() + 2.0
             while len(self.writer._works) < 3 and time.monotonic() < deadline:
                 time.sleep(0.001)
         self.backlog_seen = max(self.backlog_seen, len(self.writer._works))
@@ -194,18 +196,20 @@ class SlowSyncSink(MemorySink):
 @pytest.mark.anyio
 async def test_a_healthy_writer_never_packs(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sink that keeps up, even with slices queued behind the one it writes, never gets its backlog packed."""
-    # its writes take up to 0.1 s: a stall threshold well above that, so a loaded machine cannot tip it over
-    monkeypatch.setattr("steplog._writer._STALL_MIN", 2.0)
+    # its first write waits up to 2 s for a backlog: a stall threshold well above that
+    monkeypatch.setattr("steplog._writer._STALL_MIN", 10.0)
     sink = SlowSyncSink()
     async with running([sink], flush_interval=0.001) as (buffer, writer):
         sink.writer = writer
 
-        def log_steps() -> None:
-            for step in range(20_000):
+        def log_steps(first: int, last: int) -> None:
+            for step in range(first, last):
                 buffer.log_metrics({"a": step * 0.5, "b": step * 0.25}, step=step)
 
         with anyio.fail_after(WAIT):
-            await anyio.to_thread.run_sync(log_steps)
+            log_steps(0, 100)
+            assert await anyio.to_thread.run_sync(sink.entered.wait, WAIT)  # the first write holds on
+            await anyio.to_thread.run_sync(log_steps, 100, 20_000)  # slices queue up behind it meanwhile
             await writer.barrier()
         assert sink.values("a") == [step * 0.5 for step in range(20_000)]
     assert sink.backlog_seen >= 2  # there was a backlog to pack
