@@ -446,3 +446,16 @@ async def test_the_emergency_path_writes_a_drain_in_progress_before_newer_points
         assert sink.steps("a") == [0, 1, 2]
         assert sink.values("a") == [0.0, 1.0, 2.0]
         assert sink.values("b") == [3.0]
+
+
+async def test_a_signal_landing_while_the_loop_holds_the_count_lock_still_writes_everything() -> None:
+    """A handler on a thread holding the count lock (the writer's loop mid-drain) writes in place, not on a thread
+    that would wait for that lock until the timeout."""
+    sink = MemorySink()
+    async with running([sink]) as (buffer, writer):
+        buffer.log_metric("a", 1.0, step=0)
+        buffer.log_metric("a", 2.0, step=1)
+        with buffer.count_lock:  # where the signal interrupted the loop
+            writer.emergency_flush(None, 0, timeout=0.5)
+        assert sink.values("a") == [1.0, 2.0]
+        assert writer.last_error is None

@@ -855,9 +855,13 @@ class Writer:
 
         Bounded by ``timeout``: the work runs on a daemon thread, so a sink stuck in
         ``write_sync`` cannot hang a signal handler or the interpreter's exit; what is
-        still unwritten then is logged and kept in ``stats().last_error``.
+        still unwritten then is logged and kept in ``stats().last_error``. Except when this
+        thread holds the count lock: a signal handler runs on the thread it interrupts, which
+        may be the writer's own event loop in the middle of a drain or a settle; a daemon thread
+        would then wait for that lock until the timeout, and the run would end unwritten. The
+        work runs here instead (the lock is re-entrant).
         """
-        if timeout is None:
+        if timeout is None or _owned_by_this_thread(self._buffer.count_lock):
             self._emergency_flush(status, end_time)
             return
         thread = threading.Thread(
@@ -989,6 +993,12 @@ class Writer:
             backlog=sum(int(getattr(o, "backlog_points", 0)) for o in outages),
             spilled=sum(int(getattr(o, "spilled_points", 0)) for o in outages),
         )
+
+
+def _owned_by_this_thread(lock: Any) -> bool:
+    """True if the current thread holds ``lock``, a ``threading.RLock``."""
+    is_owned = getattr(lock, "_is_owned", None)
+    return bool(is_owned()) if is_owned is not None else False
 
 
 def _points_of(work: _Work, key: str) -> int:
