@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 
 import anyio
@@ -24,3 +26,19 @@ class GateSink(MemorySink):
         self.entered.set()
         await anyio.to_thread.run_sync(self.gate.wait, WAIT, abandon_on_cancel=True)
         self.write_sync(batch)
+
+
+class FlakySink(MemorySink):
+    """A MemorySink whose writes fail with a transient OS error (``code``) while ``failing`` is set."""
+
+    def __init__(self, code: int = errno.ENOSPC) -> None:
+        super().__init__()
+        self.code = code
+        self.failing = True
+        self.attempts = 0
+
+    def write_sync(self, batch: Batch) -> None:
+        self.attempts += 1
+        if self.failing:
+            raise OSError(self.code, f"{os.strerror(self.code)} (injected)")
+        super().write_sync(batch)

@@ -22,7 +22,7 @@ import anyio
 import pytest
 
 import steplog
-from _sinks import WAIT, GateSink
+from _sinks import WAIT, FlakySink, GateSink
 from steplog import FlushTimeoutError, RunStatus
 from steplog._buffer import Buffer
 from steplog._hosting import attach_writer
@@ -136,26 +136,11 @@ async def test_a_stalled_sinks_backlog_is_packed_and_written_bit_for_bit_once_re
         assert not writer.pending
 
 
-class FlakySink(MemorySink):
-    """A MemorySink whose writes fail with EIO (transient) while ``failing`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failing = True
-        self.attempts = 0
-
-    def write_sync(self, batch: Batch) -> None:
-        self.attempts += 1
-        if self.failing:
-            raise OSError(errno.EIO, "Input/output error (injected)")
-        super().write_sync(batch)
-
-
 @pytest.mark.anyio
 @pytest.mark.usefixtures("quick_stall")
 async def test_a_failing_sinks_backlog_is_packed_and_written_bit_for_bit_once_it_recovers() -> None:
     """Behind a sink in backoff after transient errors the backlog is packed; once it recovers all comes in order."""
-    sink = FlakySink()
+    sink = FlakySink(errno.EIO)
     expected: dict[str, list[tuple[int, int, int | None]]] = {}
     async with running([sink]) as (buffer, writer):
         buffer.log_metric("first", 1.0, step=-1)

@@ -17,7 +17,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from _sinks import WAIT, GateSink
+from _sinks import WAIT, FlakySink, GateSink
 from steplog import InvalidValueError, RunStatus, WriteError
 from steplog._buffer import Buffer
 from steplog._hosting import attach_writer
@@ -53,21 +53,6 @@ class ReleasedSink(GateSink):
     async def write(self, batch: Batch) -> None:
         await super().write(batch)
         self.finished.set()
-
-
-class FlakySink(MemorySink):
-    """A MemorySink whose writes fail with ENOSPC while ``failing`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failing = True
-        self.attempts = 0
-
-    def write_sync(self, batch: Batch) -> None:
-        self.attempts += 1
-        if self.failing:
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        super().write_sync(batch)
 
 
 class RefusingSink(MemorySink):
