@@ -243,3 +243,53 @@ def test_sigterm_between_drain_parts_of_an_asyncio_hosted_writer_loses_nothing(t
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     lines = {f.name: len(f.read_text().splitlines()) for f in store.glob("*/*/metrics/k*")}
     assert lines == {f"k{k}": 20_000 for k in range(4)}
+
+
+INSIDE_TRIO_WRITER_CHILD = """
+import os, signal, sys
+import trio
+import steplog
+from steplog import _buffer, _writer
+
+store, where = sys.argv[1], sys.argv[2]
+owner, name = (_writer.Writer, "_make_work") if where == "handing-over" else (_buffer.Buffer, "drain_part")
+original = getattr(owner, name)
+fired = []
+
+
+def ctrl_c_now(self, *args):
+    # Ctrl-C lands while the writer task holds records that are in no queue yet (a part just drained
+    # from the buffer, or a drain being handed to the sinks): trio runs its SIGINT handler at the
+    # next check between bytecodes, in the writer's code
+    result = original(self, *args) if where == "draining" else None
+    if not fired:
+        fired.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+    return result if where == "draining" else original(self, *args)
+
+
+setattr(owner, name, ctrl_c_now)
+
+
+async def main():
+    async with steplog.start_run("signals", tracking_uri=store, flush_interval=60.0, run_name="r") as run:
+        for step in range(50):
+            run.log_metric("loss", step / 10, step=step)
+            run.log_metric("acc/top1", 1 - step / 100, step=step)
+        await run.aflush()  # the writer drains now, in this loop: the Ctrl-C lands in its task
+        await trio.sleep(30)
+
+
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("where", ["draining", "handing-over"])
+def test_ctrl_c_inside_a_trio_writer_task_loses_nothing(tmp_path: Path, where: str) -> None:
+    """trio raises KeyboardInterrupt in whatever unprotected code runs; in the writer's it would drop a drain."""
+    store = tmp_path / "mlruns"
+    proc = subprocess.run(
+        [sys.executable, "-c", INSIDE_TRIO_WRITER_CHILD, str(store), where], capture_output=True, text=True, timeout=120
+    )
+    assert -signal.SIGINT == proc.returncode, proc.stderr
+    assert_ended_with_every_point(store, "KILLED", STEPS)

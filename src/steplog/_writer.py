@@ -390,6 +390,7 @@ class Writer:
         before the caller goes on: a body that never awaits may close the run at once.
         """
         self._running = True
+        _shield_from_trio_keyboard_interrupts()
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
@@ -993,6 +994,22 @@ class Writer:
             backlog=sum(int(getattr(o, "backlog_points", 0)) for o in outages),
             spilled=sum(int(getattr(o, "spilled_points", 0)) for o in outages),
         )
+
+
+def _shield_from_trio_keyboard_interrupts() -> None:
+    """Under trio, a Ctrl-C goes to the caller's task at its next checkpoint, never into the writer's.
+
+    trio raises KeyboardInterrupt inside whatever unprotected code runs when SIGINT lands. In the
+    writer's tasks that is between bytecodes of a drain: records just taken from the buffer and
+    not yet in a sink's queue would be dropped with the task. Marking the writer's task functions
+    KI-protected (trio finds the mark by walking the interrupted frame's callers) makes trio
+    deliver the interrupt to the main task instead, as it does for its own internals; the run
+    then closes as KILLED with everything written. Without trio loaded there is nothing to do.
+    """
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        for fn in (Writer.run, Writer._lane_loop):
+            trio.lowlevel.enable_ki_protection(fn)
 
 
 def _owned_by_this_thread(lock: Any) -> bool:
