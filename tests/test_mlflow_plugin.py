@@ -466,8 +466,46 @@ def test_deleting_a_run_being_written_stays_deleted(tmp_path: Path) -> None:
     assert ("deleted", "KILLED", {"loss": 1.0}) == (read.info.lifecycle_stage, read.info.status, read.data.metrics)
 
 
+def test_get_run_waits_for_an_input_being_logged_on_another_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's store writes an input's folder before its meta.yaml; a get_run from another thread waits for both.
+
+    sklearn autolog logs its dataset on a thread of its own while the fit's thread reads the run
+    (to log an artifact): read between the two, MLflow's reader fails on the missing meta.yaml.
+    """
+    import numpy as np
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.store.tracking.file_store import FileStore
+
+    writing = threading.Event()
+    real_write = FileStore._FileStoreInput.write_yaml
+
+    def slow_write(self: Any, *args: Any) -> Any:
+        writing.set()  # the input's folder exists, its meta.yaml not yet
+        threading.Event().wait(0.3)
+        return real_write(self, *args)
+
+    monkeypatch.setattr(FileStore._FileStoreInput, "write_yaml", slow_write)
+    uri = f"steplog+{(tmp_path / 'mlruns').as_uri()}"
+    client = MlflowClient(uri)
+    run_id = client.create_run("0").info.run_id
+    client.log_metric(run_id, "loss", 1.0, step=0)
+    dataset = mlflow.data.from_numpy(np.arange(6.0).reshape(3, 2), name="train")  # type: ignore[attr-defined]
+    entry = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "train")])
+    logger = threading.Thread(target=client.log_inputs, args=(run_id, [entry]))
+    logger.start()
+    assert writing.wait(10)
+    read = client.get_run(run_id)
+    logger.join()
+    assert read.inputs is not None
+    assert ["train"] == [d.dataset.name for d in read.inputs.dataset_inputs]
+    assert {"loss": 1.0} == read.data.metrics
+    client.set_terminated(run_id)
+
+
 @pytest.mark.slow
-def test_sklearn_autolog_writes_what_plain_mlflow_writes(tmp_path: Path) -> None:
+def test_sklearn_autolog_writes_what_plain_mlflow_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """mlflow.sklearn.autolog() with a small model logs the same params, metrics and tags through the plugin."""
     import numpy as np
     import sklearn.linear_model as sklearn_linear  # type: ignore[import-untyped]  # scikit-learn ships no types
@@ -485,7 +523,17 @@ def test_sklearn_autolog_writes_what_plain_mlflow_writes(tmp_path: Path) -> None
         return str(run.info.run_id)
 
     plain_uri = (tmp_path / "plain").as_uri()
-    plain_id = fit(plain_uri)
+    with monkeypatch.context() as patch:
+        # plain MLflow has the race the plugin closes (test_get_run_waits_for_an_input_being_logged_on_
+        # another_thread): autolog's thread writes the dataset input while the fit's thread reads the
+        # run, and a read between the input's folder and its meta.yaml loses the fit's metrics. The
+        # reference run must not depend on it: its store does one of the two at a time
+        from mlflow.store.tracking.file_store import FileStore
+
+        one_at_a_time = threading.RLock()
+        for name in ("log_inputs", "get_run"):
+            patch.setattr(FileStore, name, _serialized(getattr(FileStore, name), one_at_a_time))
+        plain_id = fit(plain_uri)
     plugin_id = fit(f"steplog+{(tmp_path / 'plugin').as_uri()}")
     plain = MlflowClient(plain_uri).get_run(plain_id)
     plugin = MlflowClient((tmp_path / "plugin").as_uri()).get_run(plugin_id)
@@ -497,6 +545,14 @@ def test_sklearn_autolog_writes_what_plain_mlflow_writes(tmp_path: Path) -> None
     assert plugin.inputs is not None
     assert len(plain.inputs.dataset_inputs) == len(plugin.inputs.dataset_inputs) > 0
     assert plain.info.status == plugin.info.status
+
+
+def _serialized(method: Callable[..., Any], lock: threading.RLock) -> Callable[..., Any]:
+    def serialized(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return method(*args, **kwargs)
+
+    return serialized
 
 
 def history_bits(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, bytes]]]:

@@ -335,6 +335,11 @@ class _SteplogStoreMixin:
         self._steplog_uri = target  # the steplog+ URI MLflow built this store for (set by make_tracking_store)
         self._written = {}
         self._lock = threading.Lock()
+        # held by a write that goes around steplog (MLflow's store writes it, e.g. log_inputs) and by
+        # reads that go to MLflow's store: MLflow's file store writes an input's folder before its
+        # meta.yaml, and a read between the two fails (sklearn autolog logs its dataset on a thread
+        # of its own while the fit's thread reads the run)
+        self._around_lock = threading.RLock()
         self.run_options: dict[str, Any] = {}
         """Keyword options for ``steplog.start_run`` of each new run (``flush_interval``, ...; a seam for tests)."""
 
@@ -373,10 +378,11 @@ class _SteplogStoreMixin:
         if written is None:
             return call()
         self._flush(written)
-        written.current = False  # until read back: the destination knows something the store does not
-        result = call()
-        with contextlib.suppress(MlflowException):
-            written.refresh(self._mlflow.get_run(run_id))
+        with self._around_lock:
+            written.current = False  # until read back: the destination knows something the store does not
+            result = call()
+            with contextlib.suppress(MlflowException):
+                written.refresh(self._mlflow.get_run(run_id))
         return result
 
     # ------------------------------------------------------------------ create
@@ -502,7 +508,10 @@ class _SteplogStoreMixin:
         if written.current:
             return written.as_run()
         self._flush(written)
-        return self._mlflow.get_run(run_id)  # type: ignore[no-any-return]
+        with self._around_lock:  # a write around steplog in another thread ends first (see _setup)
+            if written.current:
+                return written.as_run()
+            return self._mlflow.get_run(run_id)  # type: ignore[no-any-return]
 
     def get_metric_history(self, run_id: str, metric_key: str, *args: Any, **kwargs: Any) -> Any:
         written = self._open(run_id)
@@ -518,7 +527,8 @@ class _SteplogStoreMixin:
 
     def _search_runs(self, *args: Any, **kwargs: Any) -> Any:
         self._flush_all()
-        return self._mlflow._search_runs(*args, **kwargs)
+        with self._around_lock:
+            return self._mlflow._search_runs(*args, **kwargs)
 
     # ------------------------------------------------------------------ writes steplog cannot buffer
 
