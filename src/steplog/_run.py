@@ -585,6 +585,8 @@ class Run:
         end_time = now_ms()
         error: BaseException | None = None
         deadline = anyio.current_time() + timeout
+        if self._signalled:  # SIGKILL may follow soon: sinks stop waiting on networks and journal first
+            writer.interrupt()
         with anyio.move_on_after(timeout) as scope:
             await writer.stop()
         self._buffer.close(f"the run {self._info.run_id if self._info else ''} is closed: start a new run to log more")

@@ -817,6 +817,23 @@ class Writer:
             error.errno, error.filename = exc.errno, exc.filename
         raise error from exc
 
+    def interrupt(self) -> None:
+        """The process got SIGTERM or SIGINT and the run is closing: tell each sink that has ``interrupt()``.
+
+        Called in the writer's loop before :meth:`stop`. A sink waiting on a network stops
+        waiting and keeps what it took, and its close journals it before any network wait
+        (see :meth:`steplog.sinks.mlflow_rest.MlflowRestSink.interrupt`).
+        """
+        for lane in self._lanes:
+            method = getattr(lane.sink, "interrupt", None)
+            if callable(method):
+                try:
+                    method()
+                except Exception as exc:  # the close goes on; the sink's own close reports what it could not do
+                    self._errors += 1
+                    self._last_error = exc
+                    log.warning("steplog: interrupting %s: %s", lane.name, exc)
+
     async def stop(self) -> None:
         """Write everything (retrying while the caller's deadline allows), then end the loop."""
         self._stopping = True

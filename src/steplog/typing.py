@@ -204,6 +204,10 @@ class Sink(Protocol):
     worker thread; see :class:`SyncSink`): both kinds satisfy this protocol.
     ``write_sync``/``close_sync`` are optional: the emergency path without an event loop
     (see the module docstring). ``bytes_written`` (an ``int`` attribute) is optional too.
+    ``interrupt()`` is optional: a plain method the writer calls in its loop when the process
+    got SIGTERM or SIGINT and the run is closing, before the close's last writes. A sink that
+    waits on something slow (a network) stops waiting and keeps what it took, so that its
+    ``close`` puts it somewhere durable first: the grace period before SIGKILL is short.
     """
 
     def open(self, request: RunRequest) -> Awaitable[RunInfo] | RunInfo:

@@ -30,7 +30,10 @@ What the server is sent, and how (MLFLOW_FORMAT.md §3):
   fixed when a point is logged, so a request sent twice stores each point once.
   :meth:`MlflowRestSink.outage_state` describes an outage while it lasts.
 * Close: a backlog is journaled first, then sent with the time left, so a process
-  killed soon after SIGTERM still has every point on disk. What the server has not
+  killed soon after SIGTERM still has every point on disk. After SIGTERM or SIGINT
+  (:meth:`MlflowRestSink.interrupt`) a request in flight is abandoned and nothing
+  waits on the network before the journal holds everything, even when the server
+  hangs instead of refusing. What the server has not
   acknowledged stays in the journal, and the error names the ``steplog sync``
   command that finishes the upload.
 
@@ -127,6 +130,9 @@ class MlflowRestSink:
         self._held: ServerError | None = None
         """A recoverable refusal (401/403, not MLflow) that holds the backlog until the server takes it."""
         self._closed = False
+        self._interrupted = False
+        """The process got SIGTERM/SIGINT and the run is closing: journal before any network wait."""
+        self._sending: anyio.CancelScope | None = None
         self._refused: list[StepLogError] = []
         self._unreported: list[StepLogError] = []
         self._last_error: str | None = None
@@ -228,11 +234,25 @@ class MlflowRestSink:
         if self._backlog.memory_points > self._max_buffer or (self._held is not None and self._backlog.memory):
             # past the memory allowance, or held by a refusal only a fix undoes: to the journal
             await anyio.to_thread.run_sync(self._spill)
-        if anyio.current_time() >= self._retry_at:
-            await self._send_backlog()
+        # once interrupted, the close that follows journals the backlog before it tries the server
+        if anyio.current_time() >= self._retry_at and not self._interrupted:
+            with anyio.CancelScope() as self._sending:
+                await self._send_backlog()
+            self._sending = None
         if self._unreported:
             errors, self._unreported = self._unreported, []
             raise errors[0]
+
+    def interrupt(self) -> None:
+        """The process got SIGTERM or SIGINT and the run is closing (the writer calls this in its loop).
+
+        A request in flight is abandoned (its points stay in the backlog: only an answer removes
+        them), later writes only take their batch, and :meth:`close` journals the backlog before
+        it tries the server: a server that hangs cannot keep the points in memory until SIGKILL.
+        """
+        self._interrupted = True
+        if self._sending is not None:
+            self._sending.cancel()
 
     def _take(self, batch: Batch) -> None:
         """Move the batch's unfinished entries into the backlog (the sink now answers for them)."""
@@ -401,7 +421,9 @@ class MlflowRestSink:
         ended = False
         try:
             with anyio.move_on_after(budget):
-                if self._backlog.memory and (self._outage_since is not None or self._held is not None):
+                if self._backlog.memory and (
+                    self._outage_since is not None or self._held is not None or self._interrupted
+                ):
                     # journal first: a SIGKILL that follows a SIGTERM must not find the backlog only in memory
                     await anyio.to_thread.run_sync(self._spill)
                 while not await self._send_backlog(timeout=self._request_timeout):
