@@ -403,6 +403,44 @@ def test_sigterm_during_an_outage_journals_every_point_before_it_waits_on_the_ne
     assert list(range(points)) == steps
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("host", ["thread", "asyncio", "trio"])
+def test_sigterm_while_a_close_waits_on_a_hung_server_journals_every_point(tmp_path: Path, host: str) -> None:
+    """The close began before the signal (the training finished; the server hangs on a request): SIGTERM still
+    journals every point before the next network wait, on a writer thread or in an asyncio or trio loop.
+
+    Request and close deadlines are an hour in the child: without the signal, the close waits for the hung request.
+    """
+    points = 3_000
+    child = Path(__file__).parent / "_children" / "rest_outage.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(child), str(tmp_path / "journal"), str(points), "hang", "closing", host],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ready"), proc.communicate(timeout=30)
+        run_id = line.split()[1]
+        # the close is under way and waits for the sink, which hangs on a request
+        assert {"closing", "hung"} == {proc.stdout.readline().strip(), proc.stdout.readline().strip()}
+        proc.send_signal(signal.SIGTERM)
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "no request after the signal within 60 s"
+        assert "request after interrupt" == proc.stdout.readline().strip(), proc.communicate(timeout=30)
+        proc.kill()  # the grace period is over
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    journal = Journal.open(tmp_path / "journal" / run_id)
+    steps = [m["step"] for _, op in journal.pending() for m in op.get("body", {}).get("metrics", [])]
+    journal.close()
+    assert list(range(points)) == steps
+
+
 def test_emergency_close_journals_then_sends_with_the_time_left(tmp_path: Path) -> None:
     """With the server up, close_sync replays the journal it just wrote: the points and the run's end reach the
     server, and the journal is removed."""

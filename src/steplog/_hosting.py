@@ -189,6 +189,9 @@ class Host(Protocol):
     async def aleave(self) -> None:
         """After a close from another thread: let the task that started the run leave what it entered."""
 
+    def interrupt_soon(self) -> None:
+        """From a signal handler: have the writer's loop call ``Writer.interrupt()`` (a close is under way)."""
+
 
 class ThreadHosting:
     """The writer on a daemon thread with its own event loop (sync code)."""
@@ -249,6 +252,9 @@ class ThreadHosting:
     async def aleave(self) -> None:
         return None
 
+    def interrupt_soon(self) -> None:
+        self._host.schedule(self._writer.interrupt)
+
     def finish_interrupted(self, status: RunStatus, timeout: float) -> None:
         """Run the finish from a signal handler that interrupted a close before it reached the writer."""
         self._host.call(self._finish, status, timeout, timeout=timeout + 5.0)
@@ -273,6 +279,7 @@ class LoopHosting:
         self._token = anyio.lowlevel.current_token()
         self._loop = current_loop()
         self._loop_thread = threading.get_ident()
+        self._schedule = loop_scheduler()
         self._left_open = False  # set by a close from another thread (see aleave)
 
     @classmethod
@@ -366,6 +373,9 @@ class LoopHosting:
                     # cancelled or interrupted mid-close (e.g. trio delivering KeyboardInterrupt into
                     # the writer task): write what is left and the end through the sync path, bounded
                     self._finish_sync(status, timeout)
+
+    def interrupt_soon(self) -> None:
+        self._schedule(self._writer.interrupt)
 
     async def aleave(self) -> None:
         if self._left_open and current_loop() is self._loop:

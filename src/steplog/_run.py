@@ -650,6 +650,10 @@ class Run:
             return
         # hosted in an event loop: the loop may be the very thread we are interrupting; write synchronously
         if not self._begin_close():
+            if self._finish_started and not self._close_done.is_set():
+                # a close in that loop was under way (waiting on a sink) and never resumes: the process
+                # ends (SIG_DFL) or is exiting. What it holds goes through the sinks' sync path now
+                self._finish_sync(status, timeout)
             return
         try:
             self._finish_sync(status, timeout)
@@ -889,7 +893,12 @@ class _ExitHooks:
         return self._run.closed
 
     def mark_signalled(self) -> None:
-        self._run._signalled = True
+        run = self._run
+        run._signalled = True
+        if run._finish_started and not run._close_done.is_set() and run._host is not None:
+            # the close began before the signal and will not look at the flag again: its sinks
+            # stop waiting on networks now (a close that has not begun calls it itself)
+            run._host.interrupt_soon()
 
     def emergency_close(self, status: RunStatus) -> None:
         self._run._emergency_close(status)

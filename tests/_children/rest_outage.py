@@ -1,6 +1,6 @@
 """A child for the SIGTERM-during-an-outage tests: streams to a fake server that goes down, then waits for a signal.
 
-Usage: ``rest_outage.py <journal_dir> <points> <refuse|hang>``
+Usage: ``rest_outage.py <journal_dir> <points> <refuse|hang> [closing <thread|asyncio|trio>]``
 
 The server (an httpx transport in this process) answers the run's start, then either refuses
 every connection (``refuse``) or takes each request and never answers (``hang``, what a server
@@ -9,6 +9,11 @@ and sleeps until the parent's SIGTERM (and later SIGKILL) ends it. The first req
 once steplog has interrupted the sink (the run is closing after the signal) prints
 ``request after interrupt``: the parent sends SIGKILL then. Request and close deadlines are an
 hour, so nothing but the order of the close's steps puts the points in the journal before it.
+
+With ``closing``, the run (on a thread of its own, or in an asyncio or trio loop) is already
+closing when the signal comes: the child says ``closing`` once the close waits for the sink,
+``hung`` when the sink's first request starts to hang (the parent signals once it has read both),
+and ``request after interrupt`` at the first request that starts after the signal.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import anyio
 import httpx
 
 import steplog
+from steplog import _exit, _writer
 from steplog.sinks.mlflow_rest import MlflowRestSink
 
 RUN_ID = "5" * 32
@@ -28,8 +34,10 @@ HOUR = 3600.0
 
 
 class Server(httpx.BaseTransport, httpx.AsyncBaseTransport):
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, *, closing: bool = False) -> None:
         self.mode = mode
+        self.closing = closing
+        self.hung = False
         self.down = False
         self.sink: Any = None
         self.said = False
@@ -44,9 +52,13 @@ class Server(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return httpx.Response(200, json={})
 
     def _seen(self) -> None:
-        if not self.said and getattr(self.sink, "_interrupted", False):
+        after = _exit.signalled() if self.closing else getattr(self.sink, "_interrupted", False)
+        if not self.said and after:
             self.said = True
             print("request after interrupt", flush=True)
+        elif self.closing and self.mode == "hang" and not self.hung:
+            self.hung = True
+            print("hung", flush=True)  # a request the close will wait for
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if not self.down:
@@ -67,15 +79,46 @@ class Server(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
 def main() -> None:
     journal_dir, points, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    server = Server(mode)
+    server = Server(mode, closing=sys.argv[4:5] == ["closing"])
     sink = MlflowRestSink("http://mlflow.test:5000", transport=server, journal_dir=journal_dir, request_timeout=HOUR)
     server.sink = sink
+    if server.closing:
+        close_then_wait(sink, server, points, sys.argv[5])
+        return
     run = steplog.start_run("outage", sinks=[sink], flush_interval=0.05, close_timeout=HOUR)
     server.down = True
     for step in range(points):
         run.log_metric("loss", step / 10, step=step)
     print(f"ready {run.run_id}", flush=True)
     time.sleep(HOUR)
+
+
+def close_then_wait(sink: MlflowRestSink, server: Server, points: int, host: str) -> None:
+    """Log with the server down, then close: the close waits on the hung request until the signal."""
+    stop = _writer.Writer.stop
+
+    async def say_closing(self: _writer.Writer) -> None:
+        print("closing", flush=True)  # the close is under way: it checked for a signal already
+        await stop(self)
+
+    _writer.Writer.stop = say_closing  # type: ignore[method-assign]
+
+    def log(run: steplog.Run) -> None:
+        server.down = True
+        for step in range(points):
+            run.log_metric("loss", step / 10, step=step)
+        print(f"ready {run.run_id}", flush=True)
+
+    if host == "thread":
+        with steplog.start_run("outage", sinks=[sink], flush_interval=0.05, close_timeout=HOUR) as run:
+            log(run)
+        return
+
+    async def in_a_loop() -> None:
+        async with steplog.start_run("outage", sinks=[sink], flush_interval=0.05, close_timeout=HOUR) as run:
+            log(run)
+
+    anyio.run(in_a_loop, backend=host)
 
 
 if __name__ == "__main__":
