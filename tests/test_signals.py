@@ -293,3 +293,42 @@ def test_ctrl_c_inside_a_trio_writer_task_loses_nothing(tmp_path: Path, where: s
     )
     assert -signal.SIGINT == proc.returncode, proc.stderr
     assert_ended_with_every_point(store, "KILLED", STEPS)
+
+
+STUCK_TRIO_SINK_CHILD = """
+import os, signal, time
+import trio
+import steplog
+from steplog.sinks import MlrunsSink
+
+
+class StuckSink(MlrunsSink):
+    async def write(self, batch):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the sink is stuck in sync code on the loop
+        started = time.monotonic()
+        while time.monotonic() - started < 30:  # a blocking call without a timeout, bounded for the test
+            pass
+        print("not interrupted", flush=True)
+        await super().write(batch)
+
+
+async def main():
+    async with steplog.start_run("signals", sinks=[StuckSink(%r)], flush_interval=0.05, run_name="r") as run:
+        run.log_metric("loss", 0.5, step=0)
+        await trio.sleep(60)
+
+
+trio.run(main)
+"""
+
+
+def test_ctrl_c_interrupts_a_trio_sink_stuck_in_sync_code(tmp_path: Path) -> None:
+    """The writer's KI protection ends where a sink's own code begins: Ctrl-C stops a stuck sink, as in plain trio."""
+    proc = subprocess.run(
+        [sys.executable, "-c", STUCK_TRIO_SINK_CHILD % str(tmp_path / "mlruns")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "" == proc.stdout, proc.stderr
+    assert -signal.SIGINT == proc.returncode, proc.stderr

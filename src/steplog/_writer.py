@@ -1022,11 +1022,16 @@ def _shield_from_trio_keyboard_interrupts() -> None:
     KI-protected (trio finds the mark by walking the interrupted frame's callers) makes trio
     deliver the interrupt to the main task instead, as it does for its own internals; the run
     then closes as KILLED with everything written. Without trio loaded there is nothing to do.
+
+    A sink's own code is the user's, not the writer's: :func:`_call` turns the protection off
+    again, so a sink stuck in sync code (a blocking request inside ``async def write``) can be
+    interrupted as in plain trio; the batch it was given is still in the sink's queue.
     """
     trio = sys.modules.get("trio")
     if trio is not None:
         for fn in (Writer.run, Writer._lane_loop):
             trio.lowlevel.enable_ki_protection(fn)
+        trio.lowlevel.disable_ki_protection(_call)
 
 
 def _owned_by_this_thread(lock: Any) -> bool:
