@@ -201,8 +201,16 @@ class _Lane:
 async def _call(method: Callable[..., Any], *args: Any) -> Any:
     """Await an ``async def`` sink method; run a plain one on a daemon thread (a sync sink)."""
     if inspect.iscoroutinefunction(method):
-        return await method(*args)
+        return await _sink_code(method, *args)
     return await in_daemon_thread(lambda: method(*args))
+
+
+async def _sink_code(method: Callable[..., Any], *args: Any) -> Any:
+    """An async sink's own code: under trio, where a Ctrl-C may land as in plain trio (see
+    :func:`_shield_from_trio_keyboard_interrupts`). A plain sink's call stays protected: it runs
+    on a thread, and an interrupt raised while ``_call`` waits for it would leave that thread
+    writing the batch while the close writes it again."""
+    return await method(*args)
 
 
 _SWITCH_INTERVAL = 0.0005
@@ -1023,15 +1031,16 @@ def _shield_from_trio_keyboard_interrupts() -> None:
     deliver the interrupt to the main task instead, as it does for its own internals; the run
     then closes as KILLED with everything written. Without trio loaded there is nothing to do.
 
-    A sink's own code is the user's, not the writer's: :func:`_call` turns the protection off
-    again, so a sink stuck in sync code (a blocking request inside ``async def write``) can be
-    interrupted as in plain trio; the batch it was given is still in the sink's queue.
+    An async sink's own code is the user's, not the writer's: :func:`_sink_code` turns the
+    protection off again, so a sink stuck in sync code (a blocking request inside
+    ``async def write``) can be interrupted as in plain trio; the batch it was given is still in
+    the sink's queue.
     """
     trio = sys.modules.get("trio")
     if trio is not None:
         for fn in (Writer.run, Writer._lane_loop):
             trio.lowlevel.enable_ki_protection(fn)
-        trio.lowlevel.disable_ki_protection(_call)
+        trio.lowlevel.disable_ki_protection(_sink_code)
 
 
 def _owned_by_this_thread(lock: Any) -> bool:
