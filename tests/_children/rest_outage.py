@@ -30,6 +30,15 @@ from steplog import _exit, _writer
 from steplog.sinks.mlflow_rest import MlflowRestSink
 
 RUN_ID = "5" * 32
+
+
+def say(line: str) -> None:
+    """One line to the parent in one write: lines from the writer's thread and the main one never interleave
+    (``print`` writes the text and its end separately)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 HOUR = 3600.0
 
 
@@ -55,10 +64,10 @@ class Server(httpx.BaseTransport, httpx.AsyncBaseTransport):
         after = _exit.signalled() if self.closing else getattr(self.sink, "_interrupted", False)
         if not self.said and after:
             self.said = True
-            print("request after interrupt", flush=True)
+            say("request after interrupt")
         elif self.closing and self.mode == "hang" and not self.hung:
             self.hung = True
-            print("hung", flush=True)  # a request the close will wait for
+            say("hung")  # a request the close will wait for
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if not self.down:
@@ -89,7 +98,7 @@ def main() -> None:
     server.down = True
     for step in range(points):
         run.log_metric("loss", step / 10, step=step)
-    print(f"ready {run.run_id}", flush=True)
+    say(f"ready {run.run_id}")
     time.sleep(HOUR)
 
 
@@ -98,7 +107,7 @@ def close_then_wait(sink: MlflowRestSink, server: Server, points: int, host: str
     stop = _writer.Writer.stop
 
     async def say_closing(self: _writer.Writer) -> None:
-        print("closing", flush=True)  # the close is under way: it checked for a signal already
+        say("closing")  # the close is under way: it checked for a signal already
         await stop(self)
 
     _writer.Writer.stop = say_closing  # type: ignore[method-assign]
@@ -107,7 +116,7 @@ def close_then_wait(sink: MlflowRestSink, server: Server, points: int, host: str
         server.down = True
         for step in range(points):
             run.log_metric("loss", step / 10, step=step)
-        print(f"ready {run.run_id}", flush=True)
+        say(f"ready {run.run_id}")
 
     if host == "thread":
         with steplog.start_run("outage", sinks=[sink], flush_interval=0.05, close_timeout=HOUR) as run:
