@@ -443,6 +443,61 @@ def test_sigterm_while_a_close_waits_on_a_hung_server_journals_every_point(tmp_p
     assert list(range(points)) == steps
 
 
+@pytest.mark.slow
+def test_sigterm_with_a_server_that_hangs_on_the_runs_end_journals_the_end(tmp_path: Path) -> None:
+    """SIGTERM, every point acknowledged, then the server hangs on the run's end until SIGKILL: the journal
+    holds the end (KILLED), so ``steplog sync`` records it; nothing else is left in it."""
+    child = Path(__file__).parent / "_children" / "rest_outage.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(child), str(tmp_path / "journal"), "3000", "end-hangs"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ready"), proc.communicate(timeout=30)
+        run_id = line.split()[1]
+        proc.send_signal(signal.SIGTERM)
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, "no request for the run's end after the signal within 60 s"
+        assert "request after interrupt" == proc.stdout.readline().strip()
+        proc.kill()  # the grace period is over while the server holds the end
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    journal = Journal.open(tmp_path / "journal" / run_id)
+    ops = [op for _, op in journal.pending()]
+    journal.close()
+    assert [("end", "KILLED")] == [(op["op"], op.get("status")) for op in ops]
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_healthy_server_sends_everything_and_leaves_no_journal(tmp_path: Path) -> None:
+    """SIGTERM with the server up: the close journals first (as after any signal), sends, records the end, and
+    removes the journal; the process then dies by SIGTERM as it would without steplog."""
+    child = Path(__file__).parent / "_children" / "rest_outage.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(child), str(tmp_path / "journal"), "3000", "up"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("ready")
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert -signal.SIGTERM == proc.returncode, err
+    assert [] == journal_folders(tmp_path / "journal")
+
+
 def test_emergency_close_journals_then_sends_with_the_time_left(tmp_path: Path) -> None:
     """With the server up, close_sync replays the journal it just wrote: the points and the run's end reach the
     server, and the journal is removed."""

@@ -1,12 +1,13 @@
 """A child for the SIGTERM-during-an-outage tests: streams to a fake server that goes down, then waits for a signal.
 
-Usage: ``rest_outage.py <journal_dir> <points> <refuse|hang> [closing <thread|asyncio|trio>]``
+Usage: ``rest_outage.py <journal_dir> <points> <refuse|hang|up|end-hangs> [closing <thread|asyncio|trio>]``
 
 The server (an httpx transport in this process) answers the run's start, then either refuses
 every connection (``refuse``) or takes each request and never answers (``hang``, what a server
-behind a dead network looks like). The child logs ``points`` points, says ``ready <run_id>``,
-and sleeps until the parent's SIGTERM (and later SIGKILL) ends it. The first request that starts
-once steplog has interrupted the sink (the run is closing after the signal) prints
+behind a dead network looks like); ``up`` stays up; ``end-hangs`` stays up, except that the run's end
+(``runs/update``) hangs once steplog has interrupted the sink. The child logs ``points`` points,
+says ``ready <run_id>``, and sleeps until the parent's SIGTERM (and later SIGKILL) ends it. The
+first request that starts once steplog has interrupted the sink (the run is closing after the signal) prints
 ``request after interrupt``: the parent sends SIGKILL then. Request and close deadlines are an
 hour, so nothing but the order of the close's steps puts the points in the journal before it.
 
@@ -78,6 +79,12 @@ class Server(httpx.BaseTransport, httpx.AsyncBaseTransport):
         raise httpx.ConnectError("connection refused", request=request)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.mode in ("up", "end-hangs"):  # end-hangs: the run's end hangs once steplog interrupted the sink
+            interrupted = getattr(self.sink, "_interrupted", False)
+            if self.mode == "end-hangs" and request.url.path.endswith("/runs/update") and interrupted:
+                say("request after interrupt")
+                await anyio.sleep(HOUR)
+            return self._answer(request)
         if not self.down:
             return self._answer(request)
         self._seen()
@@ -95,7 +102,7 @@ def main() -> None:
         close_then_wait(sink, server, points, sys.argv[5])
         return
     run = steplog.start_run("outage", sinks=[sink], flush_interval=0.05, close_timeout=HOUR)
-    server.down = True
+    server.down = mode not in ("up", "end-hangs")
     for step in range(points):
         run.log_metric("loss", step / 10, step=step)
     say(f"ready {run.run_id}")

@@ -418,7 +418,7 @@ class MlflowRestSink:
             return
         self._closed = True
         budget = _budget(anyio.current_effective_deadline(), self._request_timeout)
-        ended = False
+        ended = end_journaled = False
         try:
             with anyio.move_on_after(budget):
                 if self._backlog.memory and (
@@ -432,9 +432,21 @@ class MlflowRestSink:
                     await anyio.sleep(max(0.0, self._retry_at - anyio.current_time()))
                 info = self._require_info()
                 while self._held is None:
+                    if self._interrupted and not end_journaled:
+                        # SIGKILL may come while the server takes the end: the journal records it first
+                        # (everything before it is acknowledged), and goes once the server has it
+                        await anyio.to_thread.run_sync(lambda: self._spill(end=(status, end_time)))
+                        end_journaled = True
                     try:
-                        await client.update_run(info.run_id, status.name, end_time)
+                        with anyio.CancelScope() as sending:
+                            self._sending = sending
+                            await client.update_run(info.run_id, status.name, end_time)
+                        self._sending = None
+                        if sending.cancelled_caught:
+                            continue  # interrupted by a signal: journal the end, then try again
                         ended = True
+                        if end_journaled:
+                            await anyio.to_thread.run_sync(self._backlog.journal_done)
                         break
                     except TransientError as exc:
                         self._enter_outage(exc)
@@ -442,7 +454,8 @@ class MlflowRestSink:
         except _RECOVERABLE as exc:
             self._hold(exc)
         finally:
-            if not ended:
+            self._sending = None
+            if not (ended or end_journaled):
                 self._spill(end=(status, end_time))
             self._backlog.close_journal()
             with anyio.CancelScope(shield=True):
