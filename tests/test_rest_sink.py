@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -363,6 +364,49 @@ async def test_a_backlog_is_drained_in_full_requests(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- SIGTERM during an outage
 
 
+OUTAGE_CHILD = Path(__file__).parent / "_children" / "rest_outage.py"
+
+
+@contextlib.contextmanager
+def outage_child(tmp_path: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``rest_outage.py <tmp_path/journal> *args``, killed (and reaped) on the way out whatever happened."""
+    proc = subprocess.Popen(
+        [sys.executable, str(OUTAGE_CHILD), str(tmp_path / "journal"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def sigterm_then_sigkill_at_the_first_request_after_it(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM; once the child says a request started after steplog interrupted its sink, SIGKILL (the grace
+    period is over). The wait for that line is bounded generously: it is an event, not a timing."""
+    assert proc.stdout is not None
+    proc.send_signal(signal.SIGTERM)
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready, "no request after the signal within 60 s"
+    assert "request after interrupt" == proc.stdout.readline().strip()
+    proc.kill()
+
+
+def journal_ops(folder: Path) -> list[dict[str, Any]]:
+    journal = Journal.open(folder)
+    try:
+        return [op for _, op in journal.pending()]
+    finally:
+        journal.close()
+
+
+def journaled_steps(folder: Path) -> list[int]:
+    return [m["step"] for op in journal_ops(folder) for m in op.get("body", {}).get("metrics", [])]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("server", ["refuse", "hang"])
 def test_sigterm_during_an_outage_journals_every_point_before_it_waits_on_the_network(
@@ -375,32 +419,13 @@ def test_sigterm_during_an_outage_journals_every_point_before_it_waits_on_the_ne
     put the points in the journal before the first request after the signal.
     """
     points = 30_000
-    child = Path(__file__).parent / "_children" / "rest_outage.py"
-    proc = subprocess.Popen(
-        [sys.executable, str(child), str(tmp_path / "journal"), str(points), server],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with outage_child(tmp_path, str(points), server) as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line.startswith("ready"), proc.communicate(timeout=30)
+        assert line.startswith("ready"), line
         run_id = line.split()[1]
-        proc.send_signal(signal.SIGTERM)
-        # the child says so when a request starts after steplog interrupted the sink; generous bound
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "no request after the signal within 60 s"
-        assert "request after interrupt" == proc.stdout.readline().strip()
-        proc.kill()  # what docker does when the grace period is over
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
-    journal = Journal.open(tmp_path / "journal" / run_id)
-    steps = [m["step"] for _, op in journal.pending() for m in op.get("body", {}).get("metrics", [])]
-    journal.close()
-    assert list(range(points)) == steps
+        sigterm_then_sigkill_at_the_first_request_after_it(proc)
+    assert list(range(points)) == journaled_steps(tmp_path / "journal" / run_id)
 
 
 @pytest.mark.slow
@@ -412,14 +437,7 @@ def test_sigterm_while_a_close_waits_on_a_hung_server_journals_every_point(tmp_p
     Request and close deadlines are an hour in the child: without the signal, the close waits for the hung request.
     """
     points = 3_000
-    child = Path(__file__).parent / "_children" / "rest_outage.py"
-    proc = subprocess.Popen(
-        [sys.executable, str(child), str(tmp_path / "journal"), str(points), "hang", "closing", host],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with outage_child(tmp_path, str(points), "hang", "closing", host) as proc:
         assert proc.stdout is not None
         # in any order (the writer may send, and hang, before the logging ends): the points are logged,
         # the close is under way, and it waits for the sink, which hangs on a request
@@ -428,49 +446,21 @@ def test_sigterm_while_a_close_waits_on_a_hung_server_journals_every_point(tmp_p
         assert said_ready, lines
         assert {"closing", "hung"} == lines - set(said_ready), lines
         run_id = said_ready[0].split()[1]
-        proc.send_signal(signal.SIGTERM)
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "no request after the signal within 60 s"
-        assert "request after interrupt" == proc.stdout.readline().strip(), proc.communicate(timeout=30)
-        proc.kill()  # the grace period is over
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
-    journal = Journal.open(tmp_path / "journal" / run_id)
-    steps = [m["step"] for _, op in journal.pending() for m in op.get("body", {}).get("metrics", [])]
-    journal.close()
-    assert list(range(points)) == steps
+        sigterm_then_sigkill_at_the_first_request_after_it(proc)
+    assert list(range(points)) == journaled_steps(tmp_path / "journal" / run_id)
 
 
 @pytest.mark.slow
 def test_sigterm_with_a_server_that_hangs_on_the_runs_end_journals_the_end(tmp_path: Path) -> None:
     """SIGTERM, every point acknowledged, then the server hangs on the run's end until SIGKILL: the journal
     holds the end (KILLED), so ``steplog sync`` records it; nothing else is left in it."""
-    child = Path(__file__).parent / "_children" / "rest_outage.py"
-    proc = subprocess.Popen(
-        [sys.executable, str(child), str(tmp_path / "journal"), "3000", "end-hangs"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with outage_child(tmp_path, "3000", "end-hangs") as proc:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line.startswith("ready"), proc.communicate(timeout=30)
+        assert line.startswith("ready"), line
         run_id = line.split()[1]
-        proc.send_signal(signal.SIGTERM)
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        assert ready, "no request for the run's end after the signal within 60 s"
-        assert "request after interrupt" == proc.stdout.readline().strip()
-        proc.kill()  # the grace period is over while the server holds the end
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
-    journal = Journal.open(tmp_path / "journal" / run_id)
-    ops = [op for _, op in journal.pending()]
-    journal.close()
+        sigterm_then_sigkill_at_the_first_request_after_it(proc)  # the request for the run's end
+    ops = journal_ops(tmp_path / "journal" / run_id)
     assert [("end", "KILLED")] == [(op["op"], op.get("status")) for op in ops]
 
 
@@ -478,23 +468,11 @@ def test_sigterm_with_a_server_that_hangs_on_the_runs_end_journals_the_end(tmp_p
 def test_sigterm_with_a_healthy_server_sends_everything_and_leaves_no_journal(tmp_path: Path) -> None:
     """SIGTERM with the server up: the close journals first (as after any signal), sends, records the end, and
     removes the journal; the process then dies by SIGTERM as it would without steplog."""
-    child = Path(__file__).parent / "_children" / "rest_outage.py"
-    proc = subprocess.Popen(
-        [sys.executable, str(child), str(tmp_path / "journal"), "3000", "up"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with outage_child(tmp_path, "3000", "up") as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("ready")
         proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
-    assert -signal.SIGTERM == proc.returncode, err
+        assert -signal.SIGTERM == proc.wait(60)
     assert [] == journal_folders(tmp_path / "journal")
 
 
